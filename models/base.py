@@ -1,0 +1,152 @@
+"""The interface every detector implements, and what they share.
+
+A model takes images as float tensors ``[B, 3, H, W]`` in ``[0, 1]`` (RGB) and normalises them
+itself for its backbone, so the ensemble can feed one tensor to every member. Batches are the
+dicts produced by ``anomaly_data`` (keys ``image``, ``mask``, ``label``, ``class_index``, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, ClassVar, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+CHECKPOINT_FORMAT = 1
+
+
+class ConfigError(ValueError):
+    """An invalid model configuration (names the parameter and what to do)."""
+
+
+def gaussian_kernel1d(sigma: float, device=None, dtype=torch.float32) -> Tensor:
+    radius = max(1, int(math.ceil(4.0 * sigma)))
+    x = torch.arange(-radius, radius + 1, device=device, dtype=dtype)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    return k / k.sum()
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian blur of ``[B, C, H, W]`` maps with reflect padding; ``sigma<=0`` is a no-op."""
+    if sigma <= 0:
+        return maps
+    k = gaussian_kernel1d(sigma, maps.device, maps.dtype)
+    r = (k.numel() - 1) // 2
+    c = maps.shape[1]
+    h, w = maps.shape[-2:]
+    mode = "reflect" if r < h and r < w else "replicate"
+    x = F.pad(maps, (r, r, 0, 0), mode=mode)
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, r, r), mode=mode)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+def normalize(images: Tensor, mean, std) -> Tensor:
+    m = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - m) / s
+
+
+class AnomalyModel(nn.Module):
+    """Base class: a detector built from a config dataclass.
+
+    Subclasses set ``name``, ``config_class`` and ``presets`` (name -> dict of config
+    overrides), and implement ``loss`` and ``anomaly_map``. Frozen parts (backbones, teachers)
+    are registered in ``frozen_modules()`` and stay in eval mode even in ``train()``.
+    """
+
+    name: ClassVar[str] = ""
+    config_class: ClassVar[type] = object
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # sigma (in pixels of the input) of the blur applied before max-pooling the image score
+    score_blur_sigma: ClassVar[float] = 4.0
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.weights_used = "random"  # set by subclasses: imagenet / packaged / file / random
+
+    # ----- construction ----------------------------------------------------------------
+    @classmethod
+    def from_config(cls, preset: str | None = None, **overrides) -> "AnomalyModel":
+        values: dict[str, Any] = {}
+        if preset is not None:
+            if preset not in cls.presets:
+                raise ConfigError(f"{cls.name}: unknown preset {preset!r}; choose one of {sorted(cls.presets)}")
+            values.update(cls.presets[preset])
+        values.update(overrides)
+        fields = {f.name for f in dataclasses.fields(cls.config_class)}
+        unknown = sorted(set(values) - fields)
+        if unknown:
+            raise ConfigError(f"{cls.name}: unknown config parameter(s) {unknown}; known: {sorted(fields)}")
+        return cls(cls.config_class(**values))
+
+    def config_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    # ----- the interface ---------------------------------------------------------------
+    def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """``forward`` is the training loss, so that a DDP wrapper's hooks see it."""
+        return self.loss(batch)
+
+    def loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def anomaly_map(self, images: Tensor) -> Tensor:
+        """``[B, 1, H, W]`` at the input resolution, higher = more anomalous."""
+        raise NotImplementedError
+
+    def image_score_from_map(self, maps: Tensor) -> Tensor:
+        """Default rule: the maximum of the map blurred with ``score_blur_sigma``."""
+        return gaussian_blur(maps, self.score_blur_sigma).flatten(1).amax(dim=1)
+
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(image scores [B], anomaly maps [B, 1, H, W])`` in one pass."""
+        maps = self.anomaly_map(images)
+        return self.image_score_from_map(maps), maps
+
+    def image_score(self, images: Tensor) -> Tensor:
+        return self.predict(images)[0]
+
+    def fit_statistics(self, loader: Iterable[dict[str, Any]]) -> None:
+        """Fit what is estimated after training on normal images; default: nothing."""
+
+    # ----- frozen parts ----------------------------------------------------------------
+    def frozen_modules(self) -> list[nn.Module]:
+        return []
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self.frozen_modules():
+            m.eval()
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ----- checkpoints -----------------------------------------------------------------
+    def checkpoint(self) -> dict[str, Any]:
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model": self.name,
+            "config": self.config_dict(),
+            "weights_used": self.weights_used,
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+
+    def save(self, path) -> None:
+        torch.save(self.checkpoint(), str(path))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # Buffers filled by fit_statistics (Gaussians, PCA bases) have data-dependent shapes:
+        # take the saved shape before copying.
+        for key, value in state_dict.items():
+            owner_name, _, buf_name = key.rpartition(".")
+            owner = self.get_submodule(owner_name) if owner_name else self
+            if buf_name in owner._buffers and owner._buffers[buf_name] is not None \
+                    and owner._buffers[buf_name].shape != value.shape:
+                owner._buffers[buf_name] = torch.empty_like(value, device=owner._buffers[buf_name].device)
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

@@ -1,0 +1,104 @@
+"""A plain training loop, usable without Ray; ``distributed.train`` wraps the same step."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from models.base import AnomalyModel
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: the run diverged."""
+
+
+def unwrap(model: nn.Module) -> AnomalyModel:
+    """The AnomalyModel inside a DDP wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def move_batch(batch: dict[str, Any], device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-5) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"{type(unwrap(model)).__name__} has no trainable parameter")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+               grad_clip: float | None = 1.0) -> dict[str, float]:
+    """One optimisation step on ``batch``; returns the loss parts as floats.
+
+    ``model`` may be DDP-wrapped: the loss is computed through the wrapper's ``forward``
+    (which calls ``loss``) so that gradient all-reduce hooks fire.
+    """
+    model.train()
+    losses = model(batch) if isinstance(model, nn.parallel.DistributedDataParallel) else model.loss(batch)
+    total = losses["loss"]
+    if not torch.isfinite(total):
+        raise NonFiniteLossError(f"{unwrap(model).name}: loss is {total.item()} (diverged); "
+                                 "lower the learning rate")
+    optimizer.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
+    optimizer.step()
+    return {k: float(v.detach()) for k, v in losses.items()}
+
+
+def train_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimizer, device="cpu",
+                grad_clip: float | None = 1.0) -> dict[str, float]:
+    sums: dict[str, float] = {}
+    n = 0
+    for batch in loader:
+        parts = train_step(model, move_batch(batch, device), optimizer, grad_clip)
+        for k, v in parts.items():
+            sums[k] = sums.get(k, 0.0) + v
+        n += 1
+    if n == 0:
+        raise ValueError("the training loader is empty: no training image was found")
+    return {k: v / n for k, v in sums.items()}
+
+
+@torch.no_grad()
+def score_loader(model: nn.Module, loader: Iterable[dict[str, Any]], device="cpu") -> dict[str, np.ndarray]:
+    """Image scores, maps (float32 ``[N, H, W]``), labels and masks (uint8) over ``loader``."""
+    net = unwrap(model)
+    net.eval()
+    scores, maps, labels, masks = [], [], [], []
+    for batch in loader:
+        s, m = net.predict(batch["image"].to(device))
+        scores.append(s.float().cpu().numpy())
+        maps.append(m[:, 0].float().cpu().numpy())
+        labels.append(np.asarray(batch["label"]).reshape(-1))
+        masks.append((batch["mask"][:, 0] > 0.5).cpu().numpy().astype(np.uint8))
+    if not scores:
+        raise ValueError("the evaluation loader is empty")
+    return {"scores": np.concatenate(scores), "maps": np.concatenate(maps),
+            "labels": np.concatenate(labels).astype(np.int64), "masks": np.concatenate(masks)}
+
+
+def fit(model: AnomalyModel, train_loader, epochs: int, lr: float = 1e-3, device="cpu",
+        weight_decay: float = 1e-5, grad_clip: float | None = 1.0,
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+    """Train ``model`` for ``epochs`` on normal images, then fit its statistics."""
+    if epochs < 1 or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"need epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
+    model.to(device)
+    optimizer = make_optimizer(model, lr, weight_decay)
+    history = []
+    for epoch in range(epochs):
+        parts = train_epoch(model, train_loader, optimizer, device, grad_clip)
+        history.append(parts)
+        if on_epoch is not None:
+            on_epoch(epoch, parts)
+    model.eval()
+    model.fit_statistics(train_loader)
+    return history

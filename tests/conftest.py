@@ -1,0 +1,18 @@
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from anomaly_data.synthetic import generate_dataset  # noqa: E402
+
+# two cores: keep intra-op threads predictable across tests
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory):
+    """A small synthetic dataset (MVTec layout) of all five classes, generated once per session."""
+    root = tmp_path_factory.mktemp("synthetic")
+    return generate_dataset(root, seed=0, image_size=64, n_train=24, n_test_good=4, n_test_per_defect=2)
