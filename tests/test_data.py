@@ -1,0 +1,230 @@
+"""Readers, synthetic data, validation set and bad input."""
+
+import csv
+import logging
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomaly_data import (DatasetError, load_records, prepare_splits, read_folder_root, read_mvtec, read_visa)
+from anomaly_data.synthetic import CLASSES, generate_dataset
+from anomaly_data.transforms import resize_mask
+
+
+def save(path, array, mode=None):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def make_mvtec(root, cls="bottle"):
+    """A tiny MVTec-layout class with grayscale, RGBA and odd-sized images."""
+    c = root / cls
+    save(c / "train/good/000.png", rgb(40, 50, 1))
+    save(c / "train/good/001.png", rgb(40, 50, 2)[..., 0])          # grayscale
+    rgba = np.dstack([rgb(30, 30, 3), np.full((30, 30), 255, np.uint8)])
+    save(c / "train/good/002.png", rgba)                            # RGBA
+    save(c / "test/good/000.png", rgb(40, 50, 4))
+    save(c / "test/crack/000.png", rgb(40, 50, 5))
+    mask = np.zeros((40, 50), np.uint8)
+    mask[5:9, 10:20] = 255
+    mask[30, 40] = 1                                                # any non-zero is anomalous
+    save(c / "ground_truth/crack/000_mask.png", mask)
+    return c
+
+
+def test_mvtec_reader_records_and_loading(tmp_path):
+    make_mvtec(tmp_path)
+    data = read_mvtec(tmp_path)
+    assert list(data) == ["bottle"]
+    recs = data["bottle"]
+    assert len(recs.train) == 3 and len(recs.test) == 2
+    bad = [r for r in recs.test if r.label == 1]
+    assert bad[0].defect == "crack" and bad[0].mask_path.name == "000_mask.png"
+    ds = load_records(recs.train + recs.test, ["bottle"], 32)
+    assert ds.images.shape == (5, 32, 32, 3) and ds.images.dtype == np.uint8
+    item = ds[3]  # test folders are read in name order: crack before good
+    assert item["image"].shape == (3, 32, 32) and 0 <= item["image"].min() and item["image"].max() <= 1
+    assert item["label"] == 1 and item["defect"] == "crack" and item["class_name"] == "bottle"
+    assert item["mask"].sum() > 0 and set(np.unique(item["mask"].numpy())) <= {0.0, 1.0}
+    assert ds[0]["mask"].sum() == 0 and ds[4]["label"] == 0
+
+
+def test_mvtec_bad_input_errors(tmp_path):
+    with pytest.raises(DatasetError, match="not a folder"):
+        read_mvtec(tmp_path / "missing")
+    with pytest.raises(DatasetError, match="no class folder"):
+        read_mvtec(tmp_path)
+    c = make_mvtec(tmp_path)
+    with pytest.raises(DatasetError, match=r"unknown class\(es\) \['cable'\]"):
+        read_mvtec(tmp_path, ["cable"])
+    # an anomalous image without its mask
+    save(c / "test/hole/000.png", rgb(40, 50, 6))
+    with pytest.raises(DatasetError, match=r"test/hole/000.png has no mask"):
+        read_mvtec(tmp_path)
+    # a mask whose size differs from its image
+    save(c / "ground_truth/hole/000_mask.png", np.zeros((20, 20), np.uint8))
+    recs = read_mvtec(tmp_path)["bottle"]
+    with pytest.raises(DatasetError, match=r"000_mask.png is 20x20 but its image .* is 50x40"):
+        load_records(recs.test, ["bottle"], 32)
+
+
+def test_empty_class_folder(tmp_path):
+    (tmp_path / "screw/train/good").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="holds no image"):
+        read_mvtec(tmp_path)
+
+
+def test_corrupt_image_error_and_skip(tmp_path, caplog):
+    c = make_mvtec(tmp_path)
+    (c / "train/good/003.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    recs = read_mvtec(tmp_path)["bottle"]
+    with pytest.raises(DatasetError, match=r"cannot read image .*003.png.*--skip-bad-images"):
+        load_records(recs.train, ["bottle"], 16)
+    with caplog.at_level(logging.WARNING):
+        ds = load_records(recs.train, ["bottle"], 16, skip_bad_images=True)
+    assert len(ds) == 3 and len(ds.skipped) == 1 and ds.skipped[0].endswith("003.png")
+    assert "skipped 1 unreadable" in caplog.text
+
+
+def write_visa(root):
+    """VisA as released: JPG images, masks with values other than 255, split_csv/1cls.csv."""
+    rows = []
+    for i in range(3):
+        p = f"candle/Data/Images/Normal/{i:04d}.JPG"
+        save(root / p, rgb(24, 36, i))
+        rows.append(["candle", "train" if i < 2 else "test", "normal", p, ""])
+    p, m = "candle/Data/Images/Anomaly/000.JPG", "candle/Data/Masks/Anomaly/000.png"
+    save(root / p, rgb(24, 36, 9))
+    mask = np.zeros((24, 36), np.uint8)
+    mask[3:6, 4:8] = 7
+    save(root / m, mask)
+    rows.append(["candle", "test", "anomaly", p, m])
+    (root / "split_csv").mkdir(parents=True)
+    with open(root / "split_csv/1cls.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["object", "split", "label", "image", "mask"])
+        w.writerows(rows)
+    return rows
+
+
+def test_visa_csv_reader(tmp_path):
+    write_visa(tmp_path)
+    data = read_visa(tmp_path)
+    recs = data["candle"]
+    assert len(recs.train) == 2 and len(recs.test) == 2
+    ds = load_records(recs.test, ["candle"], (24, 36))
+    anomalous = ds[1]
+    assert anomalous["label"] == 1 and anomalous["mask"].sum() == 12  # 3x4 pixels of value 7
+
+
+def test_visa_rejects_paths_leaving_root(tmp_path):
+    rows = write_visa(tmp_path)
+    with open(tmp_path / "split_csv/1cls.csv", "a", newline="") as f:
+        csv.writer(f).writerow(["candle", "train", "normal", "../outside.JPG", ""])
+    with pytest.raises(DatasetError, match=r"row 6: path '../outside.JPG' leaves the dataset root"):
+        read_visa(tmp_path)
+    assert rows
+
+
+def test_visa_converted_layout(tmp_path):
+    c = tmp_path / "pcb1"
+    save(c / "train/good/0000.JPG", rgb(20, 20))
+    save(c / "train/good/0001.JPG", rgb(20, 20, 1))
+    save(c / "test/bad/000.JPG", rgb(20, 20, 2))
+    save(c / "ground_truth/bad/000.png", np.full((20, 20), 255, np.uint8))  # no _mask suffix
+    recs = read_visa(tmp_path)["pcb1"]
+    assert recs.test[0].mask_path.name == "000.png"
+
+
+def test_not_a_dataset_root(tmp_path):
+    (tmp_path / "random").mkdir()
+    with pytest.raises(DatasetError, match="not a VisA root"):
+        read_visa(tmp_path)
+
+
+def test_folder_reader(tmp_path):
+    for i in range(5):
+        save(tmp_path / "mine/normal" / f"n{i}.png", rgb(16, 16, i))
+    save(tmp_path / "mine/abnormal/a0.png", rgb(16, 16, 10))
+    save(tmp_path / "mine/masks/a0.png", np.full((16, 16), 255, np.uint8))
+    recs = read_folder_root(tmp_path / "mine")["mine"]
+    assert len(recs.train) == 4 and sum(r.label == 0 for r in recs.test) == 1
+    assert [r.mask_path.name for r in recs.test if r.label] == ["a0.png"]
+    save(tmp_path / "mine/abnormal/a1.png", rgb(16, 16, 11))
+    with pytest.raises(DatasetError, match="a1.png has no mask"):
+        read_folder_root(tmp_path / "mine")
+
+
+def test_synthetic_generator_cli_and_determinism(tmp_path):
+    out = tmp_path / "syn"
+    r = subprocess.run([sys.executable, "-m", "anomaly_data.synthetic", str(out), "--classes", "brick,washer",
+                        "--image-size", "48", "--train", "3", "--test-good", "1", "--test-per-defect", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = read_mvtec(out)
+    assert list(data) == ["brick", "washer"]
+    washer = data["washer"]
+    assert {r.defect for r in washer.test} == {"good", "scratch", "stain", "contamination", "missing_part"}
+    ds = load_records(washer.test, ["brick", "washer"], 48)
+    for i in range(len(ds)):
+        assert (ds.masks[i].sum() > 0) == bool(ds.labels[i])
+    again = generate_dataset(tmp_path / "again", ["washer"], 0, 48, 3, 1, 1)
+    other = generate_dataset(tmp_path / "other", ["washer"], 1, 48, 3, 1, 1)
+    a = np.asarray(Image.open(out / "washer/test/stain/000.png"))
+    assert np.array_equal(a, np.asarray(Image.open(again / "washer/test/stain/000.png")))
+    assert not np.array_equal(a, np.asarray(Image.open(other / "washer/test/stain/000.png")))
+    r = subprocess.run([sys.executable, "-m", "anomaly_data.synthetic", str(out), "--classes", "teapot"],
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown synthetic class(es) ['teapot']" in r.stderr
+
+
+def test_synthetic_masks_mark_exactly_the_changed_pixels(synthetic_root):
+    assert set(CLASSES) == set(read_mvtec(synthetic_root))
+    recs = read_mvtec(synthetic_root, ["pill"])["pill"]
+    ds = load_records(recs.test, ["pill"], 64)
+    normal = ds.images[ds.labels == 0].astype(int)
+    for i in np.nonzero(ds.labels)[0]:
+        m = ds.masks[i]
+        assert 0 < m.mean() < 0.3, ds.defects[i]
+        # outside the mask the defective image looks like a normal one (same render statistics)
+        outside = ds.images[i][~m].astype(int).mean()
+        assert abs(outside - normal.mean()) < 10
+
+
+def test_validation_set_is_held_out_and_deterministic(synthetic_root):
+    a = prepare_splits("mvtec", synthetic_root, ["brick", "washer"], image_size=32, val_fraction=0.25, seed=3)
+    b = prepare_splits("mvtec", synthetic_root, ["brick", "washer"], image_size=32, val_fraction=0.25, seed=3)
+    c = prepare_splits("mvtec", synthetic_root, ["brick", "washer"], image_size=32, val_fraction=0.25, seed=4)
+    assert a.class_names == ["brick", "washer"]
+    val_sources = {p.split("#")[0] for p in a.validation.paths}
+    assert not val_sources & set(a.train.paths)                 # held out from training
+    assert all("/train/good/" in p for p in val_sources)        # never from the test split
+    assert len(a.train) + len(val_sources) == 48
+    v = a.validation
+    assert v.labels.sum() == len(v) // 2 and (v.masks[v.labels == 1].reshape(v.labels.sum(), -1).any(1)).all()
+    assert not v.masks[v.labels == 0].any()
+    assert np.array_equal(a.validation.images, b.validation.images)
+    assert not np.array_equal(a.validation.images, c.validation.images)
+    assert len(a.test) == 2 * (4 + 4 * 2)
+
+
+def test_validation_needs_two_training_images(tmp_path):
+    save(tmp_path / "one/train/good/0.png", rgb(8, 8))
+    with pytest.raises(DatasetError, match="has 1 training image"):
+        prepare_splits("mvtec", tmp_path, image_size=8)
+    with pytest.raises(DatasetError, match="unknown dataset kind"):
+        prepare_splits("coco", tmp_path)
+
+
+def test_resize_mask_stays_binary():
+    m = np.zeros((10, 10), bool)
+    m[2:5, 2:5] = True
+    r = resize_mask(m, (37, 23))
+    assert r.dtype == bool and r.shape == (37, 23) and 0 < r.mean() < 0.2
