@@ -32,17 +32,27 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float = 1e-5) -> t
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
+def all_ranks_finite(value: torch.Tensor) -> bool:
+    """True when ``value`` is finite on every process (one tiny all-reduce under DDP), so that
+    all ranks stop together instead of one raising while the others wait in a collective."""
+    flag = torch.isfinite(value.detach()).all().to(torch.float32).reshape(1)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag.item() > 0)
+
+
 def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
                grad_clip: float | None = 1.0) -> dict[str, float]:
     """One optimisation step on ``batch``; returns the loss parts as floats.
 
     ``model`` may be DDP-wrapped: the loss is computed through the wrapper's ``forward``
-    (which calls ``loss``) so that gradient all-reduce hooks fire.
+    (which calls ``loss``) so that gradient all-reduce hooks fire. A non-finite loss on any
+    rank raises ``NonFiniteLossError`` on every rank.
     """
     model.train()
     losses = model(batch) if isinstance(model, nn.parallel.DistributedDataParallel) else model.loss(batch)
     total = losses["loss"]
-    if not torch.isfinite(total):
+    if not all_ranks_finite(total):
         raise NonFiniteLossError(f"{unwrap(model).name}: loss is {total.item()} (diverged); "
                                  "lower the learning rate")
     optimizer.zero_grad(set_to_none=True)

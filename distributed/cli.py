@@ -1,0 +1,220 @@
+"""What ``distributed.train`` and ``distributed.tune`` share: options, checks made before Ray
+starts, the Ray connection, resource arithmetic and the run folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from anomaly_data import DATASET_KINDS, DatasetError, read_dataset
+
+DRIVER_CPU = 0.1  # a trial only drives Train workers: a fraction of a CPU is enough
+CACHE_DIR = Path(os.environ.get("ANOMALY_ENSEMBLE_CACHE", Path.home() / ".cache" / "anomaly-ensemble"))
+DEMO_DATASET = {"classes": ["brick", "washer"], "seed": 0, "image_size": 64, "n_train": 24,
+                "n_test_good": 6, "n_test_per_defect": 3}
+
+
+class CliError(ValueError):
+    """A bad command-line value, found before Ray starts."""
+
+
+def add_data_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASET_KINDS, default="synthetic",
+                   help="layout of --root (synthetic: generated offline into a cache folder when --root is not given)")
+    g.add_argument("--root", type=Path, default=None, help="dataset root folder")
+    g.add_argument("--classes", default=None, help="comma-separated classes (default: all found)")
+    g.add_argument("--skip-bad-images", action="store_true",
+                   help="skip unreadable training images with a warning instead of stopping")
+    g.add_argument("--seed", type=int, default=0, help="seed for splits, synthetic defects, models and the search")
+
+
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("cluster")
+    g.add_argument("--workers", type=int, default=1,
+                   help="Ray Train workers per run (DDP when > 1; 0 trains inside the trial process)")
+    g.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="CPUs per Train worker (default: 1, or 0.9 on a machine with at most 2 CPUs)")
+    g.add_argument("--gpus-per-worker", type=float, default=None,
+                   help="GPUs per Train worker (default: 1 when the cluster has GPUs, else 0)")
+    g.add_argument("--max-concurrent", type=int, default=None,
+                   help="runs at the same time (default: as many as the cluster's resources fit)")
+    g.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto or HOST:PORT); "
+                                                   "default: start a local Ray instance")
+    g.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/<timestamp>)")
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["halo=3", "layers=2-5"]`` -> ``{"halo": 3, "layers": "2-5"}`` (JSON values where they parse)."""
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise CliError(f"--set {item!r}: expected KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
+
+
+def split_list(value: str | None) -> list[str] | None:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    return items or None
+
+
+def check_address(address: str | None) -> None:
+    """Fail fast, before Ray starts, when ``--address`` cannot be reached."""
+    if address in (None, "", "local"):
+        return
+    if address == "auto":
+        if os.environ.get("RAY_ADDRESS") or Path("/tmp/ray/ray_current_cluster").exists():
+            return
+        raise CliError("--address auto: no running Ray cluster found on this machine "
+                       "(start one with `ray start --head` or `ray up cluster.yaml`, or drop --address)")
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise CliError(f"--address {address!r}: expected auto or HOST:PORT (e.g. 10.0.0.5:6379)")
+    try:
+        with socket.create_connection((host, int(port)), timeout=5):
+            pass
+    except OSError as err:
+        raise CliError(f"--address {address}: cannot reach the Ray head ({err}); is the cluster up?") from None
+
+
+def resolve_dataset(args) -> tuple[str, Path, list[str]]:
+    """Dataset kind, root and classes, checked on disk (the synthetic demo data is made here)."""
+    kind, root, classes = args.dataset, args.root, split_list(args.classes)
+    if kind == "synthetic" and root is None:
+        from anomaly_data.synthetic import ensure_dataset
+
+        params = dict(DEMO_DATASET, seed=args.seed)
+        root = ensure_dataset(CACHE_DIR / f"synthetic-{params['image_size']}px-seed{args.seed}", **params)
+    if root is None:
+        raise CliError(f"--dataset {kind} needs --root DIR")
+    root = Path(root).expanduser().resolve()
+    try:
+        found = read_dataset(kind, root, classes, seed=args.seed)
+    except DatasetError as err:
+        raise CliError(str(err)) from None
+    return kind, root, list(found)
+
+
+@dataclass
+class RunContext:
+    dataset: str
+    root: Path
+    classes: list[str]
+    models: list[str]
+    run_dir: Path
+    address: str | None
+    workers: int
+    cpus_per_worker: float | None
+    gpus_per_worker: float | None
+    max_concurrent: int | None
+    seed: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def resources(self) -> dict[str, float]:
+        return {"workers": self.workers, "cpus_per_worker": self.cpus_per_worker,
+                "gpus_per_worker": self.gpus_per_worker}
+
+
+def prepare_run(args, models: list[str]) -> RunContext:
+    """Every check that can fail on user input, done before Ray starts."""
+    from models import model_names
+
+    unknown = [m for m in models if m not in model_names()]
+    if unknown:
+        raise CliError(f"unknown model(s) {unknown}; choose from {model_names()}")
+    if args.workers < 0:
+        raise CliError(f"--workers must be >= 0, got {args.workers}")
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        raise CliError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    check_address(args.address)
+    kind, root, classes = resolve_dataset(args)
+    run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(run_dir).expanduser().resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return RunContext(kind, root, classes, models, run_dir, args.address, args.workers, args.cpus_per_worker,
+                      args.gpus_per_worker, args.max_concurrent, args.seed)
+
+
+def start_ray(ctx: RunContext) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    if ray.is_initialized():
+        return
+    if ctx.address:
+        ray.init(address=ctx.address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
+
+
+def fill_resources(ctx: RunContext) -> None:
+    """Defaults that depend on the cluster: GPUs per worker, CPUs per worker, concurrency."""
+    import ray
+
+    total = ray.cluster_resources()
+    cpus, gpus = total.get("CPU", 1.0), total.get("GPU", 0.0)
+    if ctx.gpus_per_worker is None:
+        ctx.gpus_per_worker = 1.0 if gpus >= 1 else 0.0
+    if ctx.cpus_per_worker is None:
+        ctx.cpus_per_worker = 1.0 if cpus > 2 else 0.9
+    if ctx.max_concurrent is None:
+        workers = max(ctx.workers, 1)
+        per_trial_cpu = DRIVER_CPU + (ctx.workers * ctx.cpus_per_worker if ctx.workers else 0.9)
+        fits = math.floor(cpus / per_trial_cpu + 1e-9)
+        if ctx.gpus_per_worker > 0:
+            fits = min(fits, math.floor(gpus / (workers * ctx.gpus_per_worker) + 1e-9))
+        ctx.max_concurrent = max(1, fits)
+
+
+def trial_resources(ctx: RunContext) -> dict[str, float]:
+    """What the Tune trial itself holds: a driver fraction, or the whole compute in local mode."""
+    if ctx.workers == 0:
+        res = {"CPU": 0.9 + DRIVER_CPU}
+        if ctx.gpus_per_worker:
+            res["GPU"] = ctx.gpus_per_worker
+        return res
+    return {"CPU": DRIVER_CPU}
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def run_grid(ctx: RunContext, base, groups: list[list[str]]) -> str:
+    """Train ``base`` once per class group, concurrently through Ray Tune (no search)."""
+    from ray import tune
+
+    from distributed.train import METRIC, MODE, tune_trial
+    from distributed.results import collect_best, format_table
+
+    start_ray(ctx)
+    fill_resources(ctx)
+    write_json(ctx.run_dir / "config.json", {"command": "train", "job": base.to_dict(), "groups": groups,
+                                             "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, base=base.to_dict(), storage=str(ctx.run_dir / "train"),
+                             resources=ctx.resources()), trial_resources(ctx))
+    tuner = tune.Tuner(trainable, param_space={"classes": tune.grid_search(groups)},
+                       tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, max_concurrent_trials=ctx.max_concurrent),
+                       run_config=tune.RunConfig(name="train", storage_path=str(ctx.run_dir / "tune"),
+                                                 failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    best = collect_best(grid, ctx.run_dir, base.model)
+    return format_table(best)

@@ -1,0 +1,129 @@
+"""The run folder's results: the trial table and the best checkpoint per (model, classes).
+
+::
+
+    RUN/trials.csv                         every trial: model, classes, config, metrics, status
+    RUN/best/<model>/<classes>/model.pt    best validation checkpoint (loads with models.load_model)
+    RUN/best/<model>/<classes>/best.json   its config, validation metrics, trial id and source path
+    RUN/best.json                          index of the above
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from distributed.train import CHECKPOINT_MODEL, METRIC
+
+CLASS_SEPARATOR = "+"
+
+
+def group_key(classes) -> str:
+    """Folder name of a class group: the class itself, or ``a+b+c`` for a unified model."""
+    return CLASS_SEPARATOR.join(classes)
+
+
+def trial_rows(grid, model: str | None = None) -> list[dict]:
+    rows = []
+    for result in grid:
+        cfg = result.config or {}
+        metrics = result.metrics or {}
+        row = {"model": cfg.get("model", model), "classes": group_key(cfg.get("classes", [])),
+               "trial_id": metrics.get("trial_id", Path(result.path).name if result.path else ""),
+               "status": "error" if result.error else "ok",
+               "error": type(result.error).__name__ + ": " + str(result.error).splitlines()[0][:200]
+               if result.error else ""}
+        for k, v in metrics.items():
+            if k.startswith("val_") or k in ("epoch", "train_loss", "diverged", METRIC):
+                row[k] = v
+        for k, v in pd.json_normalize(cfg, sep="/").iloc[0].items():
+            if k not in ("model", "classes"):
+                row[f"config/{k}"] = v
+        rows.append(row)
+    return rows
+
+
+def write_trials(rows: list[dict], path: Path) -> pd.DataFrame:
+    """Append to (or create) the trial table: several studies write into one CSV."""
+    frame = pd.DataFrame(rows)
+    if path.exists():
+        old = pd.read_csv(path)
+        if "trial_id" in old and "trial_id" in frame:
+            old = old[~old["trial_id"].isin(frame["trial_id"])]
+        frame = pd.concat([old, frame], ignore_index=True)
+    frame.to_csv(path, index=False)
+    return frame
+
+
+def best_reported(result) -> tuple[float, Path] | None:
+    """``(score, checkpoint dir)`` of the best epoch a Tune trial reported, or None.
+
+    Trials forward Train's reports, each with the ``checkpoint_path`` Train wrote; Train keeps
+    the best two by validation score, so the best epoch's folder still exists.
+    """
+    if result is None or result.error is not None:
+        return None
+    df = result.metrics_dataframe
+    if df is None or METRIC not in df or "checkpoint_path" not in df:
+        return None
+    df = df[df[METRIC].notna() & df["checkpoint_path"].notna()]
+    if df.empty:
+        return None
+    row = df.loc[df[METRIC].idxmax()]
+    path = Path(row["checkpoint_path"])
+    return (float(row[METRIC]), path) if (path / CHECKPOINT_MODEL).is_file() else None
+
+
+def export_best(result, run_dir: Path, model: str, classes: list[str], extra: dict | None = None) -> dict | None:
+    """Copy the best checkpoint of ``result`` into ``RUN/best/<model>/<classes>/``."""
+    found = best_reported(result)
+    if found is None:
+        return None
+    source = found[1]
+    metrics = json.loads((source / "metrics.json").read_text())
+    target = run_dir / "best" / model / group_key(classes)
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source / CHECKPOINT_MODEL, target / CHECKPOINT_MODEL)
+    info = {"model": model, "classes": list(classes), "metrics": metrics, "config": result.config,
+            "source": str(source), "checkpoint": str(target / CHECKPOINT_MODEL), **(extra or {})}
+    (target / "best.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    return info
+
+
+def update_best_index(run_dir: Path, infos: list[dict]) -> list[dict]:
+    path = run_dir / "best.json"
+    index = json.loads(path.read_text()) if path.exists() else []
+    keys = {(i["model"], group_key(i["classes"])) for i in infos}
+    index = [i for i in index if (i["model"], group_key(i["classes"])) not in keys] + infos
+    path.write_text(json.dumps(index, indent=2, default=str) + "\n")
+    return index
+
+
+def best_result(results):
+    """The trial whose best epoch has the highest validation score."""
+    scored = [(found[0], r) for r in results if (found := best_reported(r)) is not None]
+    return max(scored, key=lambda t: t[0])[1] if scored else None
+
+
+def collect_best(grid, run_dir: Path, model: str) -> list[dict]:
+    """For a grid over class groups: write the trial table and export each group's checkpoint."""
+    write_trials(trial_rows(grid, model), run_dir / "trials.csv")
+    infos = []
+    for result in grid:
+        info = export_best(result, run_dir, model, result.config["classes"])
+        if info is not None:
+            infos.append(info)
+    return update_best_index(run_dir, infos)
+
+
+def format_table(index: list[dict]) -> str:
+    rows = [{"model": i["model"], "classes": group_key(i["classes"]), "epoch": i["metrics"].get("epoch"),
+             "val_image_auroc": i["metrics"].get("val_image_auroc"),
+             "val_pixel_auroc": i["metrics"].get("val_pixel_auroc"), METRIC: i["metrics"].get(METRIC)}
+            for i in index]
+    if not rows:
+        return "no successful run"
+    return pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}")

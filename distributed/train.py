@@ -1,0 +1,265 @@
+"""Ray Train: one (model, classes) training run with DDP workers, validated every epoch.
+
+    python -m distributed.train --model haloae --dataset mvtec --root DIR --classes bottle,cable \\
+        --workers 2 [--address auto]
+
+Every class is its own run (all runs go through Ray Tune so that they run concurrently as
+resources allow); ``--unified`` trains one model on all the classes instead (HVQ-Trans's
+multi-class mode). Each epoch the workers train on their shard of the training normals, then
+rank 0 fits the model's statistics, scores the validation set (held-out normals + synthetic
+defects, never the test split) and reports ``val_image_auroc``, ``val_pixel_auroc``,
+``val_score`` (their mean) and the training loss together with a checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from models import create_model
+from models.training import NonFiniteLossError, make_optimizer, score_loader, train_epoch, unwrap
+
+METRIC = "val_score"
+MODE = "max"
+CHECKPOINT_MODEL = "model.pt"
+CHECKPOINT_STATE = "state.pt"
+
+
+@dataclass
+class TrainJob:
+    """Everything one training run needs; plain data so it travels to Ray workers as a dict."""
+
+    model: str
+    dataset: str
+    root: str
+    classes: list[str]
+    preset: str = "fast"
+    model_config: dict[str, Any] = field(default_factory=dict)
+    epochs: int = 5
+    batch_size: int = 8
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    val_fraction: float = 0.2
+    seed: int = 0
+    skip_bad_images: bool = False
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "TrainJob":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def build_model(self):
+        return create_model(self.model, self.preset, **self.model_config)
+
+
+@lru_cache(maxsize=4)
+def _cached_splits(dataset: str, root: str, classes: tuple[str, ...], image_size: int, val_fraction: float,
+                   seed: int, skip_bad_images: bool):
+    from anomaly_data import prepare_splits
+
+    return prepare_splits(dataset, root, list(classes), image_size=image_size, val_fraction=val_fraction,
+                          seed=seed, skip_bad_images=skip_bad_images)
+
+
+def load_splits(job: TrainJob, image_size: int):
+    """Decoded once per worker process and reused by later trials in the same process."""
+    return _cached_splits(job.dataset, str(job.root), tuple(job.classes), int(image_size), job.val_fraction,
+                          job.seed, job.skip_bad_images)
+
+
+def validation_metrics(model, validation, device, batch_size: int) -> dict[str, float]:
+    from ensembles.metrics import image_auroc, pixel_auroc
+
+    out = score_loader(model, DataLoader(validation, batch_size=batch_size), device)
+    img = image_auroc(out["scores"], out["labels"])
+    pix = pixel_auroc(out["maps"], out["masks"])
+    return {"val_image_auroc": img, "val_pixel_auroc": pix, METRIC: (img + pix) / 2}
+
+
+def save_checkpoint(directory: Path, model, optimizer, epoch: int, metrics: dict[str, float], job: TrainJob):
+    net = unwrap(model)
+    net.save(directory / CHECKPOINT_MODEL)
+    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "metrics": metrics, "job": job.to_dict(),
+                "rng": torch.get_rng_state()}, directory / CHECKPOINT_STATE)
+    (directory / "metrics.json").write_text(json.dumps({"epoch": epoch, **metrics}, indent=2))
+
+
+def restore_checkpoint(checkpoint, model, optimizer) -> int:
+    """Load model and optimizer state from a Ray checkpoint; returns the next epoch."""
+    with checkpoint.as_directory() as d:
+        from models import load_model
+
+        saved = load_model(Path(d) / CHECKPOINT_MODEL)
+        unwrap(model).load_state_dict(saved.state_dict())
+        state = torch.load(Path(d) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["rng"])
+    return int(state["epoch"]) + 1
+
+
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker loop run by ``TorchTrainer`` (DDP when more than one worker)."""
+    import ray.train
+    import ray.train.torch
+
+    job = TrainJob.from_dict(config)
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(job.seed)
+    model = job.build_model()
+    splits = load_splits(job, model.config.image_size)
+    device = ray.train.torch.get_device()
+    model.to(device)
+    optimizer = make_optimizer(model, job.lr, job.weight_decay)
+    start = 0
+    if ray.train.get_checkpoint() is not None:
+        start = restore_checkpoint(ray.train.get_checkpoint(), model, optimizer)
+    torch.manual_seed(job.seed + 1000 * rank + start)
+    # buffers are not broadcast: EMA codebooks are all-reduced by the model itself, and fitted
+    # statistics live on rank 0, which alone validates and checkpoints
+    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+    drop_last = len(splits.train) >= 2 * job.batch_size * max(world, 1)
+    loader = ray.train.torch.prepare_data_loader(
+        DataLoader(splits.train, batch_size=job.batch_size, shuffle=True, drop_last=drop_last))
+    for epoch in range(start, job.epochs):
+        if world > 1:
+            loader.sampler.set_epoch(epoch)
+        try:
+            parts = train_epoch(model, loader, optimizer, device)
+        except NonFiniteLossError as err:
+            report_divergence(job, epoch, str(err), rank)
+            return
+        metrics = {"epoch": epoch + 1, "train_loss": parts["loss"]}
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if rank == 0:
+                net = unwrap(model)
+                net.eval()
+                net.fit_statistics(DataLoader(splits.train, batch_size=job.batch_size))
+                metrics.update(validation_metrics(net, splits.validation, device, job.batch_size))
+                metrics["diverged"] = 0
+                save_checkpoint(Path(tmp), model, optimizer, epoch, metrics, job)
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def report_divergence(job: TrainJob, epoch: int, message: str, rank: int) -> None:
+    """Report a diverged run (metrics are only kept with a checkpoint, so attach a tiny one)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            (Path(tmp) / "DIVERGED").write_text(message + "\n")
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"epoch": epoch + 1, "diverged": 1, METRIC: float("nan"), "train_loss": float("nan"),
+                          "val_image_auroc": float("nan"), "val_pixel_auroc": float("nan")}, checkpoint=checkpoint)
+
+
+@dataclass
+class Resources:
+    """How each training run is placed: ``workers == 0`` trains inside the trial process."""
+
+    workers: int = 1
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+
+    def scaling_config(self):
+        import ray.train
+
+        res = {"CPU": self.cpus_per_worker}
+        if self.gpus_per_worker > 0:
+            res["GPU"] = self.gpus_per_worker
+        return ray.train.ScalingConfig(num_workers=self.workers, use_gpu=self.gpus_per_worker > 0,
+                                       resources_per_worker=res)
+
+
+def run_training(job: TrainJob, storage: str, name: str, resources: Resources, callbacks=(),
+                 max_failures: int = 2):
+    """Fit one ``TorchTrainer``; the same ``storage`` + ``name`` resumes from its last checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        train_worker, train_loop_config=job.to_dict(), scaling_config=resources.scaling_config(),
+        run_config=ray.train.RunConfig(
+            name=name, storage_path=str(storage), callbacks=list(callbacks),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
+                                                         checkpoint_score_order=MODE),
+            failure_config=ray.train.FailureConfig(max_failures=max_failures)))
+    return trainer.fit()
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN/inf: the trial is reported as failed."""
+
+
+def tune_trial(config: dict[str, Any], base: dict[str, Any], storage: str, resources: dict[str, float]) -> None:
+    """A Ray Tune function trial that drives one Ray Train run and forwards its reports."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    merged = {**base, **{k: v for k, v in config.items() if k != "model_config"}}
+    merged["model_config"] = {**base.get("model_config", {}), **config.get("model_config", {})}
+    job = TrainJob.from_dict(merged)
+    name = f"train-{tune.get_context().get_trial_id()}"  # stable: a retried trial resumes
+    result = run_training(job, storage, name, Resources(**resources), callbacks=[TuneReportCallback()])
+    if result.metrics and result.metrics.get("diverged"):
+        raise TrialDiverged(f"{job.model} on {','.join(job.classes)} diverged (NaN/inf loss) at epoch "
+                            f"{result.metrics.get('epoch')} with lr={job.lr}")
+
+
+# ----- CLI -----------------------------------------------------------------------------
+def parse_args(argv=None):
+    from distributed.cli import add_cluster_args, add_data_args
+
+    p = argparse.ArgumentParser(prog="python -m distributed.train", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="haloae, hvq_trans or transformaly")
+    add_data_args(p)
+    p.add_argument("--preset", default="fast", help="model preset: fast (CPU-sized) or paper")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model config field, e.g. --set halo=3 (repeatable)")
+    p.add_argument("--unified", action="store_true", help="one model for all the classes (multi-class)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    add_cluster_args(p)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    from distributed.cli import CliError, parse_overrides, prepare_run, run_grid
+
+    args = parse_args(argv)
+    try:
+        ctx = prepare_run(args, models=[args.model])
+        groups = [ctx.classes] if args.unified else [[c] for c in ctx.classes]
+        base = TrainJob(model=args.model, dataset=ctx.dataset, root=str(ctx.root), classes=ctx.classes,
+                        preset=args.preset, model_config=parse_overrides(args.set), epochs=args.epochs,
+                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                        skip_bad_images=args.skip_bad_images)
+        table = run_grid(ctx, base, groups)
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    sys.exit(main())
