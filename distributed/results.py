@@ -26,6 +26,13 @@ def group_key(classes) -> str:
     return CLASS_SEPARATOR.join(classes)
 
 
+def root_cause(error: BaseException) -> str:
+    """The innermost ``SomeError: message`` line of a (Ray-wrapped) trial error."""
+    lines = [ln.strip() for ln in str(error).splitlines()]
+    causes = [ln for ln in lines if ln and ":" in ln and ln.split(":", 1)[0].split(".")[-1].endswith("Error")]
+    return (causes[-1] if causes else f"{type(error).__name__}: {lines[0] if lines else ''}")[:300]
+
+
 def trial_rows(grid, model: str | None = None) -> list[dict]:
     rows = []
     for result in grid:
@@ -34,8 +41,7 @@ def trial_rows(grid, model: str | None = None) -> list[dict]:
         row = {"model": cfg.get("model", model), "classes": group_key(cfg.get("classes", [])),
                "trial_id": metrics.get("trial_id", Path(result.path).name if result.path else ""),
                "status": "error" if result.error else "ok",
-               "error": type(result.error).__name__ + ": " + str(result.error).splitlines()[0][:200]
-               if result.error else ""}
+               "error": root_cause(result.error) if result.error else ""}
         for k, v in metrics.items():
             if k.startswith("val_") or k in ("epoch", "train_loss", "diverged", METRIC):
                 row[k] = v

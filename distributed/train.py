@@ -204,6 +204,19 @@ def run_training(job: TrainJob, storage: str, name: str, resources: Resources, c
     return trainer.fit()
 
 
+def job_from_trial_config(base: dict[str, Any], config: dict[str, Any]) -> TrainJob:
+    """Sampled values go to the job (``lr``, ``epochs``...) or to the model config when they are
+    its fields; search-only helpers (e.g. HaloAE's ``depth``) are dropped here."""
+    from models import model_class
+
+    job_fields = {f.name for f in dataclasses.fields(TrainJob)} - {"model_config"}
+    model_fields = {f.name for f in dataclasses.fields(model_class(base["model"]).config_class)}
+    merged = {**base, **{k: v for k, v in config.items() if k in job_fields}}
+    merged["model_config"] = {**base.get("model_config", {}),
+                              **{k: v for k, v in config.items() if k in model_fields}}
+    return TrainJob.from_dict(merged)
+
+
 class TrialDiverged(RuntimeError):
     """The training loss became NaN/inf: the trial is reported as failed."""
 
@@ -213,9 +226,7 @@ def tune_trial(config: dict[str, Any], base: dict[str, Any], storage: str, resou
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    merged = {**base, **{k: v for k, v in config.items() if k != "model_config"}}
-    merged["model_config"] = {**base.get("model_config", {}), **config.get("model_config", {})}
-    job = TrainJob.from_dict(merged)
+    job = job_from_trial_config(base, config)
     name = f"train-{tune.get_context().get_trial_id()}"  # stable: a retried trial resumes
     result = run_training(job, storage, name, Resources(**resources), callbacks=[TuneReportCallback()])
     if result.metrics and result.metrics.get("diverged"):

@@ -1,0 +1,197 @@
+"""Search, train and (unless --no-ensemble) ensemble: ``python -m distributed.tune``.
+
+With no arguments: a small offline demo on a local Ray instance (synthetic data generated once
+into ~/.cache/anomaly-ensemble, three models, a few trials each). On a cluster: ``--address
+auto``, a real ``--dataset``/``--root`` and a bigger ``--trials``/``--epochs``.
+
+Each study is Ray Tune with OptunaSearch (TPE, seeded; the paper's setting enqueued first) and
+ASHA over ``search_spaces/<model>.py``. The metric is ``val_score``: the mean of image AUROC and
+pixel AUROC on the validation set (held-out training normals + synthetic defects; never the
+test split). ``--study-scope class`` (default) runs one study per (model, class) and keeps one
+best model per class; ``unified`` runs one study per model that trains a single model on all
+classes together.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, parse_overrides,
+                             prepare_run, split_list, start_ray, trial_resources, write_json)
+
+DEFAULT_MODELS = ("haloae", "hvq_trans", "transformaly")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m distributed.tune", description=__doc__.split("\n\n")[0],
+                                epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(p)
+    g = p.add_argument_group("search")
+    g.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated models to tune")
+    g.add_argument("--preset", default="fast", help="model preset the search starts from: fast or paper")
+    g.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                   help="fix a model config field, e.g. --set hvq_trans.num_heads=8 (repeatable)")
+    g.add_argument("--trials", type=int, default=3, help="trials per study")
+    g.add_argument("--epochs", type=int, default=3, help="maximum epochs per trial (ASHA stops bad ones earlier)")
+    g.add_argument("--grace-epochs", type=int, default=1, help="epochs every trial gets before ASHA may stop it")
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--time-budget", type=float, default=None,
+                   help="seconds for the whole search, shared among the studies not yet run")
+    g.add_argument("--study-scope", choices=("class", "unified"), default="class",
+                   help="one study per (model, class), or one per model training on all classes")
+    g.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run: finished studies and trials are kept")
+    g.add_argument("--no-ensemble", action="store_true", help="stop after the search (no ensemble, no test)")
+    add_cluster_args(p)
+    return p.parse_args(argv)
+
+
+def model_overrides(items: list[str], models: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {m: {} for m in models}
+    for key, value in parse_overrides(items).items():
+        model, _, field = key.partition(".")
+        if model not in out or not field:
+            raise CliError(f"--set {key}=...: expected MODEL.KEY=VALUE with MODEL one of {models}")
+        out[model][field] = value
+    return out
+
+
+def restore_args(argv) -> argparse.Namespace:
+    """``--resume RUN_DIR``: the run's own recorded options, with the new run folder fixed."""
+    args = parse_args(argv)
+    if args.resume is None:
+        return args
+    config = args.resume / "config.json"
+    if not config.is_file():
+        raise CliError(f"--resume {args.resume}: no config.json there (is it a run folder of distributed.tune?)")
+    recorded = json.loads(config.read_text())["args"]
+    resumed = parse_args([])
+    for key, value in recorded.items():
+        setattr(resumed, key, Path(value) if key in ("root", "run_dir") and value else value)
+    resumed.resume, resumed.run_dir = args.resume, args.resume
+    if args.address is not None:
+        resumed.address = args.address  # the cluster may have a new address after a restart
+    return resumed
+
+
+def studies(ctx: RunContext, scope: str) -> list[tuple[str, list[str]]]:
+    if scope == "unified":
+        return [(m, ctx.classes) for m in ctx.models]
+    return [(m, [c]) for m in ctx.models for c in ctx.classes]
+
+
+def study_name(model: str, classes: list[str]) -> str:
+    from distributed.results import group_key
+
+    return f"{model}-{group_key(classes)}"
+
+
+def run_study(ctx: RunContext, args, model: str, classes: list[str], overrides: dict[str, Any],
+              time_budget: float | None):
+    """One Tune study; restored when an interrupted one is found in the run folder."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from distributed.train import METRIC, MODE, TrainJob, tune_trial
+    from search_spaces import base_config, get_space
+
+    base = TrainJob(model=model, dataset=ctx.dataset, root=str(ctx.root), classes=classes, preset=args.preset,
+                    model_config=overrides, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
+                    skip_bad_images=args.skip_bad_images)
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, base=base.to_dict(), storage=str(ctx.run_dir / "train"),
+                             resources=ctx.resources()), trial_resources(ctx))
+    name = study_name(model, classes)
+    path = ctx.run_dir / "tune" / name
+    if tune.Tuner.can_restore(str(path)):
+        print(f"[tune] resuming study {name}: finished trials are kept", flush=True)
+        tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        space, points = get_space(model, base_config(model, args.preset, overrides))
+        searcher = OptunaSearch(space=space, metric=METRIC, mode=MODE, seed=args.seed, points_to_evaluate=points)
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(args.epochs, 1),
+                                  grace_period=max(1, min(args.grace_epochs, args.epochs)), reduction_factor=2)
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
+                                        num_samples=args.trials, max_concurrent_trials=ctx.max_concurrent,
+                                        time_budget_s=time_budget),
+            run_config=tune.RunConfig(name=name, storage_path=str(ctx.run_dir / "tune"), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=0)))
+    return tuner.fit()
+
+
+def finish_study(ctx: RunContext, model: str, classes: list[str], grid) -> dict | None:
+    from distributed.results import best_result, export_best, trial_rows, update_best_index, write_trials
+
+    rows = trial_rows(grid, model)
+    for row in rows:
+        row["classes"] = "+".join(classes)
+    write_trials(rows, ctx.run_dir / "trials.csv")
+    info = export_best(best_result(grid), ctx.run_dir, model, classes, {"study": study_name(model, classes)})
+    update_best_index(ctx.run_dir, [info] if info else [])
+    failed = sum(r["status"] == "error" for r in rows)
+    if failed:
+        print(f"[tune] {study_name(model, classes)}: {failed} of {len(rows)} trial(s) failed "
+              "(see trials.csv, column error)", flush=True)
+    return info
+
+
+def load_done(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "studies.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def main(argv=None) -> int:
+    from distributed.results import format_table
+
+    t0 = time.time()
+    try:
+        args = restore_args(argv)
+        models = split_list(args.models) or list(DEFAULT_MODELS)
+        if args.trials < 1 or args.epochs < 1:
+            raise CliError("--trials and --epochs must be >= 1")
+        ctx = prepare_run(args, models)
+        overrides = model_overrides(args.set, models)
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    start_ray(ctx)
+    fill_resources(ctx)
+    recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    write_json(ctx.run_dir / "config.json", {"command": "tune", "args": recorded, "dataset": ctx.dataset,
+                                             "root": str(ctx.root), "classes": ctx.classes,
+                                             "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
+    print(f"[tune] run folder {ctx.run_dir}; {len(ctx.classes)} class(es), models {models}, "
+          f"{args.trials} trial(s) per study, up to {ctx.max_concurrent} at a time", flush=True)
+    done = load_done(ctx.run_dir)
+    todo = [s for s in studies(ctx, args.study_scope) if study_name(*s) not in done]
+    for i, (model, classes) in enumerate(todo):
+        budget = None
+        if args.time_budget is not None:
+            budget = max(1.0, (args.time_budget - (time.time() - t0)) / (len(todo) - i))
+        grid = run_study(ctx, args, model, classes, overrides[model], budget)
+        info = finish_study(ctx, model, classes, grid)
+        done[study_name(model, classes)] = {"best": info["checkpoint"] if info else None, "finished": time.time()}
+        write_json(ctx.run_dir / "studies.json", done)
+    index = json.loads((ctx.run_dir / "best.json").read_text()) if (ctx.run_dir / "best.json").exists() else []
+    print("\nBest validation scores (validation = held-out normals + synthetic defects):")
+    print(format_table(index), flush=True)
+    if not args.no_ensemble:
+        from distributed.ensemble_step import build_and_evaluate
+
+        print(build_and_evaluate(ctx, index), flush=True)
+    print(f"[tune] finished in {time.time() - t0:.0f} s; results in {ctx.run_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    sys.exit(main())
