@@ -7,6 +7,9 @@ normalisation and fusion use this set only.
 
 from __future__ import annotations
 
+import zlib
+from pathlib import Path
+
 import numpy as np
 
 from anomaly_data.datasets import ArrayDataset
@@ -41,7 +44,10 @@ def build_validation_set(normals: ArrayDataset, seed: int, defects_per_normal: i
     images, masks, defects, paths, classes = [], [], [], [], []
     for i in range(len(normals)):
         for k in range(defects_per_normal):
-            rng = np.random.default_rng([seed, i, k])
+            # seeded by the image's path below the dataset root, so a class gets the same
+            # defects in any class mix and wherever the dataset lies
+            key = "/".join(Path(normals.paths[i]).parts[-4:])
+            rng = np.random.default_rng([seed, zlib.crc32(key.encode()), k])
             image, mask, kind = apply_validation_defect(normals.images[i], rng, kinds)
             images.append(image)
             masks.append(mask)

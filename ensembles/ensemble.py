@@ -1,0 +1,195 @@
+"""The ensemble artifact: one folder that loads in one call, on CPU or GPU, without Ray.
+
+::
+
+    ensemble/
+      ensemble.json                 format, per class: members, normalisers, fusion rule and
+                                    weights, blur, image-score rule, threshold, validation report
+      members/<model>/<classes>.pt  member checkpoints (models.load_model)
+
+>>> from ensembles import Ensemble
+>>> ens = Ensemble.load("runs/demo/ensemble")
+>>> out = ens.predict(images, class_name="washer")   # images [B,3,H,W] in [0,1], or PIL images
+>>> out["scores"], out["maps"], out["anomalous"]
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ensembles.fusion import QuantileNormalizer, RankTable, blur, fuse_maps
+
+FORMAT = 1
+CONFIG_FILE = "ensemble.json"
+
+
+class EnsembleError(ValueError):
+    """A missing, incomplete or incompatible ensemble folder, or a bad query."""
+
+
+@dataclass
+class ClassFusion:
+    """Everything fitted on one class's validation set."""
+
+    class_name: str
+    members: list[str]                      # model names, in fusion order
+    member_files: dict[str, str]            # model -> path relative to the ensemble folder
+    weights_used: dict[str, str]            # model -> imagenet / packaged / file / random
+    resolution: int                         # side of the maps the ensemble fuses at
+    pixel_norm: dict[str, dict]             # model -> QuantileNormalizer
+    image_norm: dict[str, dict]
+    ranks: dict[str, list[float]]           # model -> RankTable quantiles (rank_mean)
+    rule: str
+    weights: list[float]
+    sigma: float                            # blur sigma as a fraction of the side
+    image_rule: str
+    image_weights: list[float]
+    threshold: float                        # image score above which an image is anomalous
+    validation: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def to_tensor_batch(images) -> torch.Tensor:
+    """``[B,3,H,W]`` float in [0,1] from a tensor, a PIL image / list of them, or ``uint8`` arrays."""
+    if torch.is_tensor(images):
+        x = images.float()
+        if x.dim() == 3:
+            x = x.unsqueeze(0)
+        if x.dim() != 4 or x.shape[1] not in (1, 3):
+            raise EnsembleError(f"images must be [B,3,H,W] (or [3,H,W]); got {tuple(images.shape)}")
+        return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+    items = images if isinstance(images, (list, tuple)) else [images]
+    arrays = []
+    for item in items:
+        arr = np.asarray(item.convert("RGB")) if hasattr(item, "convert") else np.asarray(item)
+        if arr.ndim == 2:
+            arr = np.repeat(arr[..., None], 3, axis=2)
+        arrays.append(torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1).float() / 255.0)
+    sizes = {tuple(a.shape[-2:]) for a in arrays}
+    if len(sizes) > 1:
+        side = max(max(s) for s in sizes)
+        arrays = [F.interpolate(a[None], size=(side, side), mode="bilinear", align_corners=False)[0] for a in arrays]
+    return torch.stack(arrays)
+
+
+@torch.no_grad()
+def run_members(models: dict[str, Any], x: torch.Tensor, resolution: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Each model's ``(image scores [B], maps [B,1,R,R])``; inputs resized to each model's size."""
+    out = {}
+    for name, net in models.items():
+        side = net.config.image_size
+        xi = x if tuple(x.shape[-2:]) == (side, side) else \
+            F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        scores, maps = net.predict(xi)
+        if tuple(maps.shape[-2:]) != (resolution, resolution):
+            maps = F.interpolate(maps, size=(resolution, resolution), mode="bilinear", align_corners=False)
+        out[name] = (scores.float(), maps.float())
+    return out
+
+
+class Ensemble:
+    """Fused members per class; ``predict`` gives scores, fused maps and decisions."""
+
+    def __init__(self, fusions: dict[str, ClassFusion], members: dict[str, Any], folder: Path | None = None,
+                 device: str | torch.device = "cpu"):
+        self.fusions = fusions
+        self.members = members  # member file -> loaded model
+        self.folder = folder
+        self.device = torch.device(device)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.fusions)
+
+    # ----- persistence -----------------------------------------------------------------
+    @classmethod
+    def load(cls, folder, device: str | torch.device | None = None) -> "Ensemble":
+        from models import load_model
+
+        folder = Path(folder)
+        config_path = folder / CONFIG_FILE
+        if not config_path.is_file():
+            raise EnsembleError(f"{folder} is not an ensemble folder: {CONFIG_FILE} is missing")
+        try:
+            config = json.loads(config_path.read_text())
+        except json.JSONDecodeError as err:
+            raise EnsembleError(f"{config_path} is not valid JSON ({err})") from None
+        if config.get("format") != FORMAT:
+            raise EnsembleError(f"{config_path} has format {config.get('format')!r}; this version reads format "
+                                f"{FORMAT}: rebuild the ensemble with this version (python -m distributed.tune)")
+        fusions = {name: ClassFusion(**f) for name, f in config["classes"].items()}
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        members = {}
+        for fusion in fusions.values():
+            for model, rel in fusion.member_files.items():
+                if rel in members:
+                    continue
+                path = folder / rel
+                if not path.is_file():
+                    raise EnsembleError(f"member {model} of class {fusion.class_name} is missing: {path}")
+                members[rel] = load_model(path).to(device).eval()
+        return cls(fusions, members, folder, device)
+
+    def save(self, folder, sources: dict[str, Path]) -> Path:
+        """Write the folder; ``sources`` maps each member file (relative) to its checkpoint."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        for rel, src in sources.items():
+            target = folder / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if Path(src).resolve() != target.resolve():
+                shutil.copy2(src, target)
+        config = {"format": FORMAT, "classes": {n: f.to_dict() for n, f in self.fusions.items()}}
+        tmp = folder / (CONFIG_FILE + ".tmp")
+        tmp.write_text(json.dumps(config, indent=2) + "\n")
+        tmp.replace(folder / CONFIG_FILE)
+        self.folder = folder
+        return folder
+
+    # ----- scoring ---------------------------------------------------------------------
+    def fusion_for(self, class_name: str | None) -> ClassFusion:
+        if class_name is None:
+            if len(self.fusions) == 1:
+                return next(iter(self.fusions.values()))
+            raise EnsembleError(f"this ensemble covers {self.class_names}: say which class the images are")
+        if class_name not in self.fusions:
+            raise EnsembleError(f"unknown class {class_name!r}; this ensemble covers {self.class_names}")
+        return self.fusions[class_name]
+
+    def member_outputs(self, images, class_name: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each member's own ``(image scores [B], maps [B,1,R,R])``, maps at the fusion resolution."""
+        fusion = self.fusion_for(class_name)
+        models = {m: self.members[fusion.member_files[m]] for m in fusion.members}
+        return run_members(models, to_tensor_batch(images).to(self.device), fusion.resolution)
+
+    def fuse(self, fusion: ClassFusion, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]]):
+        """``(image scores [B], fused blurred maps [B,1,R,R])`` from member outputs."""
+        maps = [QuantileNormalizer(**fusion.pixel_norm[m])(outputs[m][1]) for m in fusion.members]
+        ranks = [RankTable(fusion.ranks[m]) for m in fusion.members] if fusion.rule == "rank_mean" else None
+        fused = blur(fuse_maps(maps, fusion.rule, fusion.weights, ranks), fusion.sigma)
+        if fusion.image_rule == "map_max":
+            scores = fused.flatten(1).amax(1)
+        else:
+            parts = torch.stack([QuantileNormalizer(**fusion.image_norm[m])(outputs[m][0]) for m in fusion.members])
+            w = torch.as_tensor(fusion.image_weights, dtype=parts.dtype, device=parts.device)
+            scores = torch.einsum("m,mb->b", w / w.sum(), parts)
+        return scores, fused
+
+    def predict(self, images, class_name: str | None = None) -> dict[str, Any]:
+        """Scores, fused maps ``[B,1,R,R]``, decisions at the validation threshold, member outputs."""
+        fusion = self.fusion_for(class_name)
+        outputs = self.member_outputs(images, fusion.class_name)
+        scores, maps = self.fuse(fusion, outputs)
+        return {"scores": scores.cpu(), "maps": maps.cpu(), "anomalous": (scores >= fusion.threshold).cpu(),
+                "threshold": fusion.threshold, "class_name": fusion.class_name,
+                "members": {m: (s.cpu(), mp.cpu()) for m, (s, mp) in outputs.items()}}
