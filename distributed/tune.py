@@ -185,9 +185,9 @@ def main(argv=None) -> int:
     print("\nBest validation scores (validation = held-out normals + synthetic defects):")
     print(format_table(index), flush=True)
     if not args.no_ensemble:
-        from distributed.ensemble_step import build_and_evaluate
+        from ensembles.build import build_and_evaluate
 
-        print(build_and_evaluate(ctx, index), flush=True)
+        print(build_and_evaluate(ctx.run_dir, index, ctx.dataset, ctx.root, ctx.classes, args.seed), flush=True)
     print(f"[tune] finished in {time.time() - t0:.0f} s; results in {ctx.run_dir}", flush=True)
     return 0
 

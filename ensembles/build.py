@@ -1,0 +1,83 @@
+"""From the best member checkpoints of a run to a fitted, saved ensemble."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from anomaly_data import prepare_splits
+from ensembles.ensemble import Ensemble, EnsembleError
+from ensembles.fit import fit_class_fusion
+
+CLASS_SEPARATOR = "+"
+
+
+def members_for_class(index: list[dict], class_name: str) -> dict[str, dict]:
+    """The best entry per model whose classes include ``class_name`` (per-class before unified)."""
+    found: dict[str, dict] = {}
+    for info in index:
+        if class_name in info["classes"]:
+            current = found.get(info["model"])
+            if current is None or len(info["classes"]) < len(current["classes"]):
+                found[info["model"]] = info
+    return found
+
+
+def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], out_dir, seed: int = 0,
+                   val_fraction: float = 0.2, device: str | None = None) -> Ensemble:
+    """Fit one fusion per class on its validation set and save the ensemble folder ``out_dir``."""
+    from models import load_model
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded, sources, fusions = {}, {}, {}
+    for class_name in classes:
+        entries = members_for_class(index, class_name)
+        if not entries:
+            raise EnsembleError(f"no trained member for class {class_name!r}: every trial of it failed")
+        files = {}
+        for model, info in sorted(entries.items()):
+            rel = f"members/{model}/{CLASS_SEPARATOR.join(info['classes'])}.pt"
+            if rel not in loaded:
+                loaded[rel] = load_model(info["checkpoint"]).to(device).eval()
+                sources[rel] = Path(info["checkpoint"])
+            files[model] = rel
+        models = {m: loaded[rel] for m, rel in files.items()}
+        resolution = max(net.config.image_size for net in models.values())
+        splits = prepare_splits(dataset, root, [class_name], image_size=resolution, val_fraction=val_fraction,
+                                seed=seed)
+        fusions[class_name] = fit_class_fusion(class_name, models, files, splits.validation, resolution, device)
+    ensemble = Ensemble(fusions, loaded, device=device)
+    ensemble.save(out_dir, sources)
+    return ensemble
+
+
+def validation_table(ensemble: Ensemble) -> str:
+    """Per class, each member's and the ensemble's validation score; says when fusion does not win."""
+    import pandas as pd
+
+    rows = []
+    for name, fusion in ensemble.fusions.items():
+        for r in fusion.validation:
+            rows.append({"class": name, "member": r["name"], "val_image_auroc": r["image_auroc"],
+                         "val_pixel_auroc": r["pixel_auroc"], "val_score": r["val_score"]})
+    text = pd.DataFrame(rows).to_string(index=False, float_format=lambda x: f"{x:.3f}")
+    notes = []
+    for name, fusion in ensemble.fusions.items():
+        ens = fusion.validation[-1]
+        verdict = "beats" if ens["beats_best_member"] else "does NOT beat"
+        notes.append(f"{name}: the ensemble ({fusion.rule}, weights {[round(w, 2) for w in fusion.weights]}, "
+                     f"blur {fusion.sigma:.3f}, image score {fusion.image_rule}) {verdict} its best member "
+                     f"({ens['best_member']}) on validation")
+    return text + "\n" + "\n".join(notes)
+
+
+def build_and_evaluate(run_dir: Path, index: list[dict], dataset: str, root, classes: list[str], seed: int,
+                       val_fraction: float = 0.2) -> str:
+    """The run's ensemble (``RUN/ensemble``) and its test-split evaluation (``RUN/results.*``)."""
+    from ensembles.evaluate import evaluate_ensemble, format_results
+
+    ensemble = build_ensemble(index, dataset, root, classes, run_dir / "ensemble", seed, val_fraction)
+    frame = evaluate_ensemble(ensemble, dataset, root, classes, run_dir)
+    return ("\nValidation (fusion fitted here; never the test split):\n" + validation_table(ensemble) +
+            "\n\nTest split (results.csv, results.md, overlays/):\n" + format_results(frame))

@@ -1,0 +1,177 @@
+"""Final evaluation on the test split: each member and the ensemble, side by side.
+
+    python -m ensembles.evaluate --ensemble RUN/ensemble --dataset mvtec --root DIR [--classes a,b]
+        [--out DIR] [--pixel-resolution gt|input]
+
+Writes ``results.csv`` (long form: class, member, image_auroc, pixel_auroc, aupro, image_f1max,
+pixel_f1max, plus a ``mean`` class row per member), ``results.md`` (the same as tables, with
+the pixel resolution and the weights each member ran on) and ``overlays/<class>/*.png``.
+Pixel metrics are computed at ground-truth resolution by default (maps upsampled bilinearly).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from anomaly_data import DATASET_KINDS, DatasetError, load_records, read_dataset, read_mask
+from ensembles.ensemble import Ensemble, EnsembleError
+from ensembles.metrics import evaluate_all
+from ensembles.overlays import save_overlay
+
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max")
+ENSEMBLE = "ensemble"
+
+
+def ground_truth(records, resolution: int, pixel_resolution: str) -> list[np.ndarray]:
+    """Masks as uint8, at each image's own resolution (``gt``) or at the ensemble's (``input``)."""
+    masks = []
+    for r in records:
+        if pixel_resolution == "input":
+            size = (resolution, resolution)
+        else:
+            with Image.open(r.path) as img:
+                size = img.size[::-1]
+        if r.mask_path is None:
+            masks.append(np.zeros(size, dtype=np.uint8))
+            continue
+        mask = read_mask(r.mask_path)
+        if pixel_resolution == "input" and mask.shape != size:
+            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 0
+        masks.append(mask.astype(np.uint8))
+    return masks
+
+
+def upsample_each(maps: torch.Tensor, masks: list[np.ndarray]) -> list[np.ndarray]:
+    """Per image, the ``[1,R,R]`` map resized bilinearly to its mask's size, as float32."""
+    out = []
+    for m, gt in zip(maps, masks):
+        if tuple(m.shape[-2:]) != gt.shape:
+            m = F.interpolate(m[None], size=gt.shape, mode="bilinear", align_corners=False)[0]
+        out.append(m[0].numpy().astype(np.float32, copy=False))
+    return out
+
+
+def score_class(ens: Ensemble, class_name: str, records, batch_size: int = 8):
+    """Image scores and ``[N,1,R,R]`` maps of every member and of the ensemble."""
+    fusion = ens.fusion_for(class_name)
+    dataset = load_records(records, [class_name], fusion.resolution)
+    scores: dict[str, list] = {m: [] for m in fusion.members + [ENSEMBLE]}
+    maps: dict[str, list] = {m: [] for m in fusion.members + [ENSEMBLE]}
+    for batch in DataLoader(dataset, batch_size=batch_size):
+        outputs = ens.member_outputs(batch["image"], class_name)
+        fused_scores, fused_maps = ens.fuse(fusion, outputs)
+        for m, (s, mp) in outputs.items():
+            scores[m].append(s.cpu())
+            maps[m].append(mp.cpu())
+        scores[ENSEMBLE].append(fused_scores.cpu())
+        maps[ENSEMBLE].append(fused_maps.cpu())
+    return dataset, {m: (torch.cat(scores[m]).numpy(), torch.cat(maps[m])) for m in scores}
+
+
+def evaluate_class(ens: Ensemble, class_name: str, records, pixel_resolution: str, overlay_dir: Path | None,
+                   overlays: int) -> list[dict]:
+    fusion = ens.fusion_for(class_name)
+    dataset, outputs = score_class(ens, class_name, records)
+    labels = np.asarray(dataset.labels)
+    masks = ground_truth(records, fusion.resolution, pixel_resolution)
+    rows = []
+    for member, (scores, maps) in outputs.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            values = evaluate_all(scores, labels, upsample_each(maps, masks), masks)
+        rows.append({"class": class_name, "member": member, **{k: float(values[k]) for k in METRICS},
+                     "weights": "+".join(sorted(set(fusion.weights_used.values()))) if member == ENSEMBLE
+                     else fusion.weights_used.get(member, "")})
+    if overlay_dir is not None and overlays > 0:
+        anomalous = [i for i in range(len(labels)) if labels[i] == 1][:max(1, overlays - 1)]
+        normal = [i for i in range(len(labels)) if labels[i] == 0][:1]
+        for i in anomalous + normal:
+            save_overlay(overlay_dir / class_name / f"{i:03d}_{Path(records[i].path).stem}_{records[i].defect}.png",
+                         dataset.images[i], dataset.masks[i],
+                         {m: outputs[m][1][i, 0].numpy() for m in outputs})
+    return rows
+
+
+def add_mean_rows(frame: pd.DataFrame) -> pd.DataFrame:
+    means = frame.groupby("member", sort=False)[list(METRICS)].mean().reset_index()
+    means.insert(0, "class", "mean")
+    means["weights"] = frame.groupby("member", sort=False)["weights"].first().values
+    return pd.concat([frame, means], ignore_index=True)
+
+
+def markdown(frame: pd.DataFrame, pixel_resolution: str) -> str:
+    lines = ["# Test-split evaluation", "",
+             f"Pixel metrics at {'ground-truth' if pixel_resolution == 'gt' else 'ensemble input'} resolution. "
+             "Weights: the backbone/teacher weights each member ran on (`random` = no pretrained weights "
+             "were available offline; such a member is far from its paper's accuracy).", ""]
+    for class_name, part in frame.groupby("class", sort=False):
+        lines += [f"## {class_name}", "", "| member | weights | " + " | ".join(METRICS) + " |",
+                  "|---|---|" + "---|" * len(METRICS)]
+        for _, r in part.iterrows():
+            lines.append(f"| {r['member']} | {r['weights']} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def evaluate_ensemble(ens: Ensemble, dataset: str, root, classes: list[str] | None, out_dir,
+                      pixel_resolution: str = "gt", overlays: int = 4) -> pd.DataFrame:
+    """Evaluate on the test split of ``classes`` (default: every class of the ensemble found in root)."""
+    if pixel_resolution not in ("gt", "input"):
+        raise ValueError(f"pixel_resolution must be 'gt' or 'input', got {pixel_resolution!r}")
+    wanted = classes or ens.class_names
+    missing = [c for c in wanted if c not in ens.class_names]
+    if missing:
+        raise EnsembleError(f"the ensemble has no member for class(es) {missing}; it covers {ens.class_names}")
+    per_class = read_dataset(dataset, root, wanted)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name in wanted:
+        if not per_class[name].test:
+            raise DatasetError(f"class {name!r} has no test image under {root}")
+        rows += evaluate_class(ens, name, per_class[name].test, pixel_resolution, out_dir / "overlays", overlays)
+    frame = add_mean_rows(pd.DataFrame(rows))
+    frame.to_csv(out_dir / "results.csv", index=False)
+    (out_dir / "results.md").write_text(markdown(frame, pixel_resolution))
+    return frame
+
+
+def format_results(frame: pd.DataFrame) -> str:
+    return frame.to_string(index=False, float_format=lambda x: f"{x:.3f}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m ensembles.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--ensemble", required=True, type=Path, help="an ensemble folder (RUN/ensemble)")
+    p.add_argument("--dataset", required=True, choices=DATASET_KINDS)
+    p.add_argument("--root", required=True, type=Path)
+    p.add_argument("--classes", default=None, help="comma-separated (default: every class of the ensemble)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the ensemble's parent)")
+    p.add_argument("--pixel-resolution", choices=("gt", "input"), default="gt")
+    p.add_argument("--overlays", type=int, default=4, help="overlay pictures per class")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    a = p.parse_args(argv)
+    try:
+        ens = Ensemble.load(a.ensemble, a.device)
+        classes = [c.strip() for c in a.classes.split(",")] if a.classes else None
+        frame = evaluate_ensemble(ens, a.dataset, a.root, classes, a.out or a.ensemble.parent,
+                                  a.pixel_resolution, a.overlays)
+    except (EnsembleError, DatasetError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(format_results(frame))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
