@@ -29,7 +29,8 @@ def group_key(classes) -> str:
 def root_cause(error: BaseException) -> str:
     """The innermost ``SomeError: message`` line of a (Ray-wrapped) trial error."""
     lines = [ln.strip() for ln in str(error).splitlines()]
-    causes = [ln for ln in lines if ln and ":" in ln and ln.split(":", 1)[0].split(".")[-1].endswith("Error")]
+    causes = [ln for ln in lines if ln and ":" in ln and " " not in ln.split(":", 1)[0]
+              and ln.split(":", 1)[0].split(".")[-1].endswith(("Error", "Exception", "Warning", "Diverged"))]
     return (causes[-1] if causes else f"{type(error).__name__}: {lines[0] if lines else ''}")[:300]
 
 
@@ -43,7 +44,7 @@ def trial_rows(grid, model: str | None = None) -> list[dict]:
                "status": "error" if result.error else "ok",
                "error": root_cause(result.error) if result.error else ""}
         for k, v in metrics.items():
-            if k.startswith("val_") or k in ("epoch", "train_loss", "diverged", METRIC):
+            if k.startswith("val_") or k in ("epoch", "train_loss", "diverged", "node", METRIC):
                 row[k] = v
         for k, v in pd.json_normalize(cfg, sep="/").iloc[0].items():
             if k not in ("model", "classes"):
@@ -67,20 +68,23 @@ def write_trials(rows: list[dict], path: Path) -> pd.DataFrame:
 def best_reported(result) -> tuple[float, Path] | None:
     """``(score, checkpoint dir)`` of the best epoch a Tune trial reported, or None.
 
-    Trials forward Train's reports, each with the ``checkpoint_path`` Train wrote; Train keeps
-    the best two by validation score, so the best epoch's folder still exists.
+    A trial driving Ray Train forwards each report with the ``checkpoint_path`` Train wrote
+    (Train keeps the best two by validation score); a trial training in its own process
+    (``--workers 0``) hands its checkpoints to Tune, found in ``best_checkpoints``.
     """
     if result is None or result.error is not None:
         return None
+    found: list[tuple[float, Path]] = []
     df = result.metrics_dataframe
-    if df is None or METRIC not in df or "checkpoint_path" not in df:
-        return None
-    df = df[df[METRIC].notna() & df["checkpoint_path"].notna()]
-    if df.empty:
-        return None
-    row = df.loc[df[METRIC].idxmax()]
-    path = Path(row["checkpoint_path"])
-    return (float(row[METRIC]), path) if (path / CHECKPOINT_MODEL).is_file() else None
+    if df is not None and METRIC in df and "checkpoint_path" in df:
+        found += [(float(v), Path(p)) for v, p in zip(df[METRIC], df["checkpoint_path"])
+                  if pd.notna(v) and isinstance(p, str)]
+    for checkpoint, metrics in result.best_checkpoints or []:
+        value = metrics.get(METRIC)
+        if value is not None and pd.notna(value):
+            found.append((float(value), Path(checkpoint.path)))
+    found = [(v, p) for v, p in found if (p / CHECKPOINT_MODEL).is_file()]
+    return max(found, key=lambda vp: vp[0]) if found else None
 
 
 def export_best(result, run_dir: Path, model: str, classes: list[str], extra: dict | None = None) -> dict | None:

@@ -34,6 +34,7 @@ METRIC = "val_score"
 MODE = "max"
 CHECKPOINT_MODEL = "model.pt"
 CHECKPOINT_STATE = "state.pt"
+DIVERGED_FILE = "DIVERGED"
 
 
 @dataclass
@@ -111,63 +112,94 @@ def restore_checkpoint(checkpoint, model, optimizer) -> int:
     return int(state["epoch"]) + 1
 
 
-def train_worker(config: dict[str, Any]) -> None:
-    """The per-worker loop run by ``TorchTrainer`` (DDP when more than one worker)."""
-    import ray.train
-    import ray.train.torch
+class TrainSession:
+    """Where the loop runs: a Ray Train worker (DDP when several), or the Tune trial itself."""
 
-    job = TrainJob.from_dict(config)
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    def __init__(self, in_tune_trial: bool = False):
+        import ray
+
+        self.in_tune_trial = in_tune_trial
+        if in_tune_trial:
+            from ray import tune
+
+            self.rank, self.world = 0, 1
+            self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
+            self._report, self._checkpoint_cls, self._get_checkpoint = tune.report, tune.Checkpoint, tune.get_checkpoint
+        else:
+            import ray.train
+            import ray.train.torch
+
+            ctx = ray.train.get_context()
+            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+            self.device = ray.train.torch.get_device()
+            self._report, self._checkpoint_cls = ray.train.report, ray.train.Checkpoint
+            self._get_checkpoint = ray.train.get_checkpoint
+        self.node = ray.get_runtime_context().get_node_id()
+
+    def checkpoint(self):
+        return self._get_checkpoint()
+
+    def prepare(self, model, dataset, batch_size: int, drop_last: bool):
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
+        if self.in_tune_trial:
+            return model.to(self.device), loader
+        import ray.train.torch
+
+        # buffers are not broadcast: EMA codebooks are all-reduced by the model itself, and
+        # fitted statistics live on rank 0, which alone validates and checkpoints
+        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
+        return model, ray.train.torch.prepare_data_loader(loader)
+
+    def report(self, metrics: dict[str, Any], write_checkpoint) -> None:
+        """Every rank reports; rank 0 attaches the checkpoint that ``write_checkpoint(dir)`` fills."""
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = None
+            if self.rank == 0:
+                write_checkpoint(Path(tmp))
+                checkpoint = self._checkpoint_cls.from_directory(tmp)
+            self._report(metrics, checkpoint=checkpoint)
+
+
+def train_loop(job: TrainJob, session: TrainSession) -> bool:
+    """Train ``job``; every epoch rank 0 validates and checkpoints. Resumes from a checkpoint.
+
+    Returns False when the loss diverged (NaN/inf), True otherwise."""
     torch.manual_seed(job.seed)
     model = job.build_model()
     splits = load_splits(job, model.config.image_size)
-    device = ray.train.torch.get_device()
-    model.to(device)
+    model.to(session.device)
     optimizer = make_optimizer(model, job.lr, job.weight_decay)
     start = 0
-    if ray.train.get_checkpoint() is not None:
-        start = restore_checkpoint(ray.train.get_checkpoint(), model, optimizer)
-    torch.manual_seed(job.seed + 1000 * rank + start)
-    # buffers are not broadcast: EMA codebooks are all-reduced by the model itself, and fitted
-    # statistics live on rank 0, which alone validates and checkpoints
-    model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
-    drop_last = len(splits.train) >= 2 * job.batch_size * max(world, 1)
-    loader = ray.train.torch.prepare_data_loader(
-        DataLoader(splits.train, batch_size=job.batch_size, shuffle=True, drop_last=drop_last))
+    if session.checkpoint() is not None:
+        start = restore_checkpoint(session.checkpoint(), model, optimizer)
+    torch.manual_seed(job.seed + 1000 * session.rank + start)
+    drop_last = len(splits.train) >= 2 * job.batch_size * session.world
+    model, loader = session.prepare(model, splits.train, job.batch_size, drop_last)
     for epoch in range(start, job.epochs):
-        if world > 1:
+        if session.world > 1:
             loader.sampler.set_epoch(epoch)
         try:
-            parts = train_epoch(model, loader, optimizer, device)
+            parts = train_epoch(model, loader, optimizer, session.device)
         except NonFiniteLossError as err:
-            report_divergence(job, epoch, str(err), rank)
-            return
-        metrics = {"epoch": epoch + 1, "train_loss": parts["loss"]}
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                net = unwrap(model)
-                net.eval()
-                net.fit_statistics(DataLoader(splits.train, batch_size=job.batch_size))
-                metrics.update(validation_metrics(net, splits.validation, device, job.batch_size))
-                metrics["diverged"] = 0
-                save_checkpoint(Path(tmp), model, optimizer, epoch, metrics, job)
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=checkpoint)
+            # metrics are kept only with a checkpoint: attach a tiny one saying why
+            session.report({"epoch": epoch + 1, "diverged": 1, METRIC: float("nan"), "train_loss": float("nan"),
+                            "val_image_auroc": float("nan"), "val_pixel_auroc": float("nan"), "node": session.node},
+                           lambda d, msg=str(err): (d / DIVERGED_FILE).write_text(msg + "\n"))
+            return False
+        metrics = {"epoch": epoch + 1, "train_loss": parts["loss"], "node": session.node}
+        if session.rank == 0:
+            net = unwrap(model)
+            net.eval()
+            net.fit_statistics(DataLoader(splits.train, batch_size=job.batch_size))
+            metrics.update(validation_metrics(net, splits.validation, session.device, job.batch_size))
+            metrics["diverged"] = 0
+        session.report(metrics, lambda d, e=epoch, m=dict(metrics): save_checkpoint(d, model, optimizer, e, m, job))
+    return True
 
 
-def report_divergence(job: TrainJob, epoch: int, message: str, rank: int) -> None:
-    """Report a diverged run (metrics are only kept with a checkpoint, so attach a tiny one)."""
-    import ray.train
-
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            (Path(tmp) / "DIVERGED").write_text(message + "\n")
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"epoch": epoch + 1, "diverged": 1, METRIC: float("nan"), "train_loss": float("nan"),
-                          "val_image_auroc": float("nan"), "val_pixel_auroc": float("nan")}, checkpoint=checkpoint)
+def train_worker(config: dict[str, Any]) -> None:
+    """The per-worker function of ``TorchTrainer`` (DDP when more than one worker)."""
+    train_loop(TrainJob.from_dict(config), TrainSession())
 
 
 @dataclass
@@ -227,11 +259,15 @@ def tune_trial(config: dict[str, Any], base: dict[str, Any], storage: str, resou
     from ray.tune.integration.ray_train import TuneReportCallback
 
     job = job_from_trial_config(base, config)
-    name = f"train-{tune.get_context().get_trial_id()}"  # stable: a retried trial resumes
-    result = run_training(job, storage, name, Resources(**resources), callbacks=[TuneReportCallback()])
-    if result.metrics and result.metrics.get("diverged"):
-        raise TrialDiverged(f"{job.model} on {','.join(job.classes)} diverged (NaN/inf loss) at epoch "
-                            f"{result.metrics.get('epoch')} with lr={job.lr}")
+    resources = Resources(**resources)
+    if resources.workers == 0:  # train inside this trial process: no worker group to start
+        diverged = not train_loop(job, TrainSession(in_tune_trial=True))
+    else:
+        name = f"train-{tune.get_context().get_trial_id()}"  # stable: a retried trial resumes
+        metrics = run_training(job, storage, name, resources, callbacks=[TuneReportCallback()]).metrics or {}
+        diverged = bool(metrics.get("diverged"))
+    if diverged:
+        raise TrialDiverged(f"{job.model} on {','.join(job.classes)} diverged (NaN/inf loss) with lr={job.lr}")
 
 
 # ----- CLI -----------------------------------------------------------------------------

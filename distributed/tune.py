@@ -123,8 +123,12 @@ def run_study(ctx: RunContext, args, model: str, classes: list[str], overrides: 
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
                                         num_samples=args.trials, max_concurrent_trials=ctx.max_concurrent,
                                         time_budget_s=time_budget),
-            run_config=tune.RunConfig(name=name, storage_path=str(ctx.run_dir / "tune"), verbose=1,
-                                      failure_config=tune.FailureConfig(max_failures=0)))
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(ctx.run_dir / "tune"), verbose=1,
+                failure_config=tune.FailureConfig(max_failures=0),
+                # used by --workers 0 trials, whose checkpoints Tune stores (Train keeps its own)
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
+                                                        checkpoint_score_order=MODE)))
     return tuner.fit()
 
 
@@ -186,8 +190,13 @@ def main(argv=None) -> int:
     print(format_table(index), flush=True)
     if not args.no_ensemble:
         from ensembles.build import build_and_evaluate
+        from ensembles.ensemble import EnsembleError
 
-        print(build_and_evaluate(ctx.run_dir, index, ctx.dataset, ctx.root, ctx.classes, args.seed), flush=True)
+        try:
+            print(build_and_evaluate(ctx.run_dir, index, ctx.dataset, ctx.root, ctx.classes, args.seed), flush=True)
+        except EnsembleError as err:
+            print(f"error: no ensemble: {err}", file=sys.stderr)
+            return 1
     print(f"[tune] finished in {time.time() - t0:.0f} s; results in {ctx.run_dir}", flush=True)
     return 0
 

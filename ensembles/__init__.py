@@ -1,0 +1,1 @@
+"""Ensembles of anomaly detectors: normalisers, fusion rules, metrics and evaluation reports."""
