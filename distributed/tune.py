@@ -182,6 +182,10 @@ def main(argv=None) -> int:
         if args.time_budget is not None:
             budget = max(1.0, (args.time_budget - (time.time() - t0)) / (len(todo) - i))
         grid = run_study(ctx, args, model, classes, overrides[model], budget)
+        if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: trials left unfinished
+            print(f"[tune] interrupted during study {study_name(model, classes)}; continue with "
+                  f"python -m distributed.tune --resume {ctx.run_dir}", file=sys.stderr, flush=True)
+            return 130
         info = finish_study(ctx, model, classes, grid)
         done[study_name(model, classes)] = {"best": info["checkpoint"] if info else None, "finished": time.time()}
         write_json(ctx.run_dir / "studies.json", done)

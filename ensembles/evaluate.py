@@ -93,9 +93,11 @@ def evaluate_class(ens: Ensemble, class_name: str, records, pixel_resolution: st
                      "weights": "+".join(sorted(set(fusion.weights_used.values()))) if member == ENSEMBLE
                      else fusion.weights_used.get(member, "")})
     if overlay_dir is not None and overlays > 0:
-        anomalous = [i for i in range(len(labels)) if labels[i] == 1][:max(1, overlays - 1)]
-        normal = [i for i in range(len(labels)) if labels[i] == 0][:1]
-        for i in anomalous + normal:
+        first_of_each = {}
+        for i, defect in enumerate(dataset.defects):  # one picture per defect kind, normal last
+            first_of_each.setdefault(defect, i)
+        normal = [first_of_each.pop("good")] if "good" in first_of_each else []
+        for i in list(first_of_each.values())[:max(1, overlays - 1)] + normal:
             save_overlay(overlay_dir / class_name / f"{i:03d}_{Path(records[i].path).stem}_{records[i].defect}.png",
                          dataset.images[i], dataset.masks[i],
                          {m: outputs[m][1][i, 0].numpy() for m in outputs})

@@ -40,7 +40,7 @@ Memory (pixel metrics)
 No index array over all pixels is ever built. The normal pixels' scores are copied once into
 one float32 array and sorted in place (4 bytes per normal pixel). The anomalous pixels' scores
 (float32) and, for AUPRO, their region ids (int32) are kept too (8 bytes per anomalous pixel);
-only these are argsorted (int64 indices: up to 20 bytes per anomalous pixel while sorting).
+only these are sorted together with their region ids (16 bytes per anomalous pixel at peak).
 The curve is then walked through its corners only, one pair per distinct anomalous score (see
 ``_curve_blocks``), a block of about ``_BLOCK_SIZE`` anomalous scores at a time (about 200
 bytes per score in the block, ~50 MB at the default 2**18), and consumed by the metrics on the
@@ -54,6 +54,7 @@ at peak on top of the inputs.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence, Union
@@ -118,7 +119,7 @@ def aupro(maps: ArrayOrList, masks: ArrayOrList, fpr_limit: float = 0.3) -> floa
     ``fpr_limit / 2``. Inputs as in :func:`pixel_auroc`.
 
     Memory: 4 bytes per normal pixel + 8 per anomalous pixel (float32 score, int32 region id;
-    20 while sorting) + block working memory. The curve walk stops at ``fpr_limit``.
+    16 while sorting) + block working memory. The curve walk stops at ``fpr_limit``.
     """
     _check_fpr_limit(fpr_limit)
     ranked = _sorted_pixel_scores(maps, masks, with_regions=True)
@@ -140,7 +141,7 @@ def evaluate_all(scores, labels, maps: ArrayOrList, masks: ArrayOrList,
 
     Returns ``{"image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max"}``.
     The pixels are sorted once and one walk along the curve feeds the three pixel metrics.
-    Memory: as :func:`aupro` (4 bytes per normal pixel, 8-20 per anomalous pixel).
+    Memory: as :func:`aupro` (4 bytes per normal pixel, 8-16 per anomalous pixel).
     """
     _check_fpr_limit(fpr_limit)
     image = _curve_metrics(_sorted_image_scores(scores, labels), "image",
@@ -235,15 +236,38 @@ def _sorted_pixel_scores(maps: ArrayOrList, masks: ArrayOrList,
         at_anomalous += count
     normal.sort()
     if with_regions:
-        order = np.argsort(anomalous)
-        anomalous = anomalous[order]
-        region = region[order]
-        del order
+        anomalous, region = _sort_carrying_ids(anomalous, region)
         inverse_region_size = (np.concatenate(inverse_sizes) if inverse_sizes
                                else np.empty(0, dtype=np.float64))
         return _SortedScores(normal, anomalous, region, inverse_region_size)
     anomalous.sort()
     return _SortedScores(normal, anomalous)
+
+
+def _sort_carrying_ids(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort float32 ``scores`` ascending and reorder int32 ``ids`` (>= 0) alike, without argsort.
+
+    Each pair is packed into one uint64: the score's bits in the high half, mapped so that
+    unsigned order is float order (flip every bit of negatives, the sign bit of the others),
+    and the id in the low half. One in-place sort of these keys replaces an argsort and two
+    gathers: about 2x faster, 16 instead of 20 bytes per score at peak. Overwrites ``scores``.
+    """
+    scores += np.float32(0.0)  # -0.0 becomes +0.0, so that equal scores get equal keys
+    bits = scores.view(np.uint32)
+    bits ^= (bits >> 31) * np.uint32(0x7FFFFFFF) | np.uint32(0x80000000)
+    keys = bits.astype(np.uint64)
+    del scores, bits
+    keys <<= np.uint64(32)
+    keys |= ids.view(np.uint32)
+    del ids
+    keys.sort()
+    halves = keys.view(np.uint32).reshape(-1, 2)
+    low, high = (0, 1) if sys.byteorder == "little" else (1, 0)
+    sorted_ids = halves[:, low].copy().view(np.int32)
+    bits = halves[:, high].copy()
+    del keys, halves
+    bits ^= ((bits >> 31) ^ np.uint32(1)) * np.uint32(0x7FFFFFFF) | np.uint32(0x80000000)
+    return bits.view(np.float32), sorted_ids
 
 
 def _as_image_list(x: ArrayOrList, name: str) -> list[np.ndarray]:

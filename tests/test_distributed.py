@@ -1,0 +1,190 @@
+"""Ray Train + Tune on real local clusters (loopback), the CLIs, resume and the ensemble end to end."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL = ["--set", "hvq_trans.image_size=64", "--set", "transformaly.image_size=64"]
+
+
+def run_cli(args, timeout=600, **kw):
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, env=env,
+                          cwd=kw.pop("cwd", REPO), **kw)
+
+
+@pytest.fixture
+def two_node_cluster():
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": True})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address, log_to_driver=False)
+    cluster.wait_for_nodes()
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture
+def local_ray():
+    ray.init(num_cpus=2, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_tune_on_two_nodes_then_ensemble_evaluate_and_query(tmp_path, synthetic_root, two_node_cluster):
+    from distributed.tune import main as tune_main
+    from ensembles.ensemble import Ensemble
+    from ensembles.evaluate import score_class
+    from anomaly_data import read_mvtec
+
+    run = tmp_path / "run"
+    rc = tune_main(["--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "washer",
+                    "--models", "hvq_trans,transformaly", "--trials", "2", "--epochs", "1", "--workers", "1",
+                    "--address", two_node_cluster.address, "--run-dir", str(run), *SMALL])
+    assert rc == 0
+    trials = pd.read_csv(run / "trials.csv")
+    assert len(trials) == 4 and (trials["status"] == "ok").all()
+    assert trials["node"].nunique() == 2                       # trials landed on both nodes
+    for model in ("hvq_trans", "transformaly"):
+        info = json.loads((run / "best" / model / "washer" / "best.json").read_text())
+        assert (run / "best" / model / "washer" / "model.pt").is_file()
+        assert info["metrics"]["val_score"] == trials[trials.model == model]["val_score"].max()
+    results = pd.read_csv(run / "results.csv")
+    assert {"class", "member", "image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max"} <= set(results)
+    assert set(results["member"]) == {"hvq_trans", "transformaly", "ensemble"}
+    assert set(results["class"]) == {"washer", "mean"}
+    assert results[["image_auroc", "pixel_auroc", "aupro"]].notna().all().all()
+    assert "ground-truth resolution" in (run / "results.md").read_text()
+    assert len(list((run / "overlays" / "washer").glob("*.png"))) >= 2
+
+    # a query scores an image exactly as the evaluation did
+    records = read_mvtec(synthetic_root, ["washer"])["washer"].test
+    ensemble = Ensemble.load(run / "ensemble", "cpu")
+    _, outputs = score_class(ensemble, "washer", records)
+    picked = [0, len(records) - 1]
+    out = run_cli(["-m", "ensembles.query", "--ensemble", str(run / "ensemble"), "--out", str(tmp_path / "maps"),
+                   *[str(records[i].path) for i in picked], str(tmp_path / "missing.png")])
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert out.returncode == 1 and "does not exist" in lines[-1]["error"]      # bad file named, rest scored
+    for i, row in zip(picked, lines):
+        assert row["score"] == pytest.approx(float(outputs["ensemble"][0][i]), abs=1e-5)
+        assert Path(row["map"]).is_file() and isinstance(row["anomalous"], bool)
+
+    # a saved ensemble reloads and scores identically
+    again = Ensemble.load(run / "ensemble", "cpu")
+    x = __import__("torch").rand(2, 3, 64, 64)
+    a, b = ensemble.predict(x), again.predict(x)
+    assert np.array_equal(a["scores"].numpy(), b["scores"].numpy()) and np.array_equal(a["maps"].numpy(), b["maps"].numpy())
+
+
+def _kill_one_train_worker(storage: Path, killed: list, deadline: float):
+    from ray.util.state import list_actors
+
+    while time.time() < deadline and not killed:
+        if list(storage.rglob("checkpoint_*")):
+            alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+            if len(alive) == 2:
+                os.kill(alive[-1].pid, signal.SIGKILL)
+                killed.append(alive[-1].pid)
+                return
+        time.sleep(0.5)
+
+
+def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, synthetic_root, local_ray):
+    from distributed.train import Resources, TrainJob, run_training
+
+    job = TrainJob(model="hvq_trans", dataset="mvtec", root=str(synthetic_root), classes=["washer"],
+                   model_config={"image_size": 64, "levels": 2, "codebook_size": 16}, epochs=3, batch_size=4)
+    storage = tmp_path / "train"
+    killed: list = []
+    killer = threading.Thread(target=_kill_one_train_worker, args=(storage, killed, time.time() + 300), daemon=True)
+    killer.start()
+    result = run_training(job, str(storage), "killed", Resources(workers=2, cpus_per_worker=0.9), max_failures=2)
+    killer.join(timeout=1)
+    assert killed, "no worker was killed: the test did not exercise a failure"
+    assert result.error is None
+    assert result.metrics["epoch"] == 3
+    reported = sorted(json.loads(p.read_text())["epoch"] for p in storage.rglob("metrics.json"))
+    assert reported[-1] == 2  # epochs are 0-based in the checkpoint: the last one, 3 of 3, is there
+
+
+def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
+    run = tmp_path / "run"
+    args = ["-m", "distributed.tune", "--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "pill",
+            "--models", "hvq_trans", "--trials", "3", "--epochs", "1", "--workers", "0", "--max-concurrent", "1",
+            "--no-ensemble", "--run-dir", str(run), "--set", "hvq_trans.image_size=64"]
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    first_done = None
+    deadline = time.time() + 300
+    while time.time() < deadline and first_done is None:
+        for result_file in (run / "tune").rglob("result.json"):
+            if '"done": true' in result_file.read_text():
+                first_done = result_file
+                break
+        time.sleep(0.5)
+    assert first_done is not None, "no trial finished in time"
+    lines_before = first_done.read_text().count("\n")
+    os.killpg(proc.pid, signal.SIGINT)
+    proc.wait(timeout=120)
+    assert not (run / "trials.csv").exists()  # the study did not finish
+
+    out = run_cli(["-m", "distributed.tune", "--resume", str(run)])
+    assert out.returncode == 0, out.stderr[-3000:]
+    trials = pd.read_csv(run / "trials.csv")
+    assert len(trials) == 3 and (trials["status"] == "ok").all()
+    assert first_done.read_text().count("\n") == lines_before  # the finished trial was not run again
+    assert (run / "best" / "hvq_trans" / "pill" / "model.pt").is_file()
+
+
+def test_cli_rejects_bad_input_before_ray_starts(tmp_path, synthetic_root):
+    cases = [
+        (["--models", "patchcore"], "unknown model(s) ['patchcore']"),
+        (["--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "teapot"], "unknown class(es) ['teapot']"),
+        (["--dataset", "mvtec", "--root", str(tmp_path)], "no class folder found"),
+        (["--dataset", "visa", "--root", str(tmp_path)], "is not a VisA root"),
+        (["--dataset", "mvtec", "--root", str(synthetic_root), "--address", "127.0.0.1:1"], "cannot reach the Ray head"),
+    ]
+    for extra, message in cases:
+        started = time.time()
+        out = run_cli(["-m", "distributed.tune", "--run-dir", str(tmp_path / "r"), *extra], timeout=120)
+        assert out.returncode == 2 and message in out.stderr, (extra, out.stderr[-2000:])
+        assert "Traceback" not in out.stderr
+        assert time.time() - started < 60
+
+
+def test_help_documents_every_option():
+    out = run_cli(["-m", "distributed.tune", "--help"])
+    for option in ("--dataset", "--root", "--classes", "--models", "--trials", "--time-budget", "--max-concurrent",
+                   "--workers", "--gpus-per-worker", "--address", "--run-dir", "--seed", "--resume", "--no-ensemble"):
+        assert option in out.stdout, option
+    out = run_cli(["-m", "distributed.train", "--help"])
+    for option in ("--model", "--dataset", "--root", "--classes", "--workers", "--address", "--unified"):
+        assert option in out.stdout, option
+
+
+def test_cluster_yaml_passes_ray_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    config = prepare_config(raw)
+    validate_config(config)
+    types = config["available_node_types"]
+    gpus = sorted(t["resources"].get("GPU", 0) for t in types.values())
+    assert gpus[0] == 0 and 1 in gpus and gpus[-1] > 1          # CPU head, 1-GPU and multi-GPU workers
+    assert any("ray[default,tune,train]==2.60" in c for c in config["setup_commands"])
