@@ -251,8 +251,8 @@ def _sort_carrying_ids(scores: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray,
     unsigned order is float order (flip every bit of negatives, the sign bit of the others),
     and the id in the low half. One in-place sort of these keys replaces an argsort and two
     gathers: about 2x faster, 16 instead of 20 bytes per score at peak. Overwrites ``scores``.
+    (-0.0 and +0.0 get the adjacent keys 0x7FFFFFFF and 0x80000000: still sorted together.)
     """
-    scores += np.float32(0.0)  # -0.0 becomes +0.0, so that equal scores get equal keys
     bits = scores.view(np.uint32)
     bits ^= (bits >> 31) * np.uint32(0x7FFFFFFF) | np.uint32(0x80000000)
     keys = bits.astype(np.uint64)

@@ -73,6 +73,8 @@ def query_images(ensemble: Ensemble, paths: Iterable, class_name: str | None = N
         try:
             batch.append((path, read_image(path)))
         except DatasetError as err:
+            if batch:  # keep the output in input order
+                yield from flush()
             yield {"path": str(path), "error": str(err)}
             continue
         if len(batch) == batch_size:
