@@ -64,7 +64,16 @@ class TrainJob:
         return dataclasses.asdict(self)
 
     def build_model(self):
-        return create_model(self.model, self.preset, **self.model_config)
+        config = dict(self.model_config)
+        if len(self.classes) > 1 and "num_classes" in model_config_fields(self.model):
+            config.setdefault("num_classes", len(self.classes))  # class-specific codebooks (HVQ-Trans)
+        return create_model(self.model, self.preset, **config)
+
+
+def model_config_fields(model: str) -> set[str]:
+    from models import model_class
+
+    return {f.name for f in dataclasses.fields(model_class(model).config_class)}
 
 
 @lru_cache(maxsize=4)
@@ -239,10 +248,8 @@ def run_training(job: TrainJob, storage: str, name: str, resources: Resources, c
 def job_from_trial_config(base: dict[str, Any], config: dict[str, Any]) -> TrainJob:
     """Sampled values go to the job (``lr``, ``epochs``...) or to the model config when they are
     its fields; search-only helpers (e.g. HaloAE's ``depth``) are dropped here."""
-    from models import model_class
-
     job_fields = {f.name for f in dataclasses.fields(TrainJob)} - {"model_config"}
-    model_fields = {f.name for f in dataclasses.fields(model_class(base["model"]).config_class)}
+    model_fields = model_config_fields(base["model"])
     merged = {**base, **{k: v for k, v in config.items() if k in job_fields}}
     merged["model_config"] = {**base.get("model_config", {}),
                               **{k: v for k, v in config.items() if k in model_fields}}
