@@ -105,7 +105,7 @@ def save_checkpoint(directory: Path, model, optimizer, epoch: int, metrics: dict
     net.save(directory / CHECKPOINT_MODEL)
     torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "metrics": metrics, "job": job.to_dict(),
                 "rng": torch.get_rng_state()}, directory / CHECKPOINT_STATE)
-    (directory / "metrics.json").write_text(json.dumps({"epoch": epoch, **metrics}, indent=2))
+    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))  # "epoch" counts from 1
 
 
 def restore_checkpoint(checkpoint, model, optimizer) -> int:

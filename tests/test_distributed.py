@@ -119,7 +119,7 @@ def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, syntheti
     assert result.error is None
     assert result.metrics["epoch"] == 3
     reported = sorted(json.loads(p.read_text())["epoch"] for p in storage.rglob("metrics.json"))
-    assert reported[-1] == 2  # epochs are 0-based in the checkpoint: the last one, 3 of 3, is there
+    assert reported[-1] == 3
 
 
 def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
