@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 import time
@@ -129,7 +130,29 @@ def run_study(ctx: RunContext, args, model: str, classes: list[str], overrides: 
                 # used by --workers 0 trials, whose checkpoints Tune stores (Train keeps its own)
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
                                                         checkpoint_score_order=MODE)))
-    return tuner.fit()
+    with InterruptWatch() as watch:
+        grid = tuner.fit()
+    return grid, watch.interrupted
+
+
+class InterruptWatch(logging.Handler):
+    """Notices Tune's "Experiment has been interrupted" warning: on Ctrl-C ``Tuner.fit`` returns
+    normally, and only that warning tells an interrupted study from a finished one."""
+
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.interrupted = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "has been interrupted" in record.getMessage():
+            self.interrupted = True
+
+    def __enter__(self):
+        logging.getLogger("ray.tune").addHandler(self)
+        return self
+
+    def __exit__(self, *exc):
+        logging.getLogger("ray.tune").removeHandler(self)
 
 
 def finish_study(ctx: RunContext, model: str, classes: list[str], grid) -> dict | None:
@@ -181,8 +204,8 @@ def main(argv=None) -> int:
         budget = None
         if args.time_budget is not None:
             budget = max(1.0, (args.time_budget - (time.time() - t0)) / (len(todo) - i))
-        grid = run_study(ctx, args, model, classes, overrides[model], budget)
-        if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: trials left unfinished
+        grid, interrupted = run_study(ctx, args, model, classes, overrides[model], budget)
+        if interrupted:
             print(f"[tune] interrupted during study {study_name(model, classes)}; continue with "
                   f"python -m distributed.tune --resume {ctx.run_dir}", file=sys.stderr, flush=True)
             return 130

@@ -20,6 +20,8 @@ def space(trial: optuna.Trial, base: dict[str, Any], depth: int | None = None) -
         layers = [i for i in range(depth) if trial.suggest_categorical(f"use_layer_{i}", [True, False])]
         layers = layers or [depth - 1]
     trial.suggest_float("whitening_threshold", 0.8, 0.99)
+    # with a random teacher (offline) the CLS-feature likelihood is near chance: let the search drop it
+    trial.suggest_categorical("pretrained_score_weight", [0.0, 1.0])
     trial.suggest_float("lr", 1e-4, 3e-3, log=True)
     return {"layers": layers}
 
@@ -34,4 +36,4 @@ def defaults(base: dict[str, Any]) -> dict[str, Any]:
     """The paper: blocks 2 to the last (of 12), PCA keeping 90 % of the variance."""
     depth = min(_depth(base), MAX_SEARCH_DEPTH)
     return {"layer_mode": "range", "first_layer": min(2, depth - 1), "last_layer": depth - 1,
-            "whitening_threshold": 0.9, "lr": 1e-3}
+            "whitening_threshold": 0.9, "pretrained_score_weight": 1.0, "lr": 1e-3}

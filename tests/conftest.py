@@ -7,8 +7,8 @@ import torch  # noqa: E402
 
 from anomaly_data.synthetic import generate_dataset  # noqa: E402
 
-# two cores: keep intra-op threads predictable across tests
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# two cores shared with Ray workers: one intra-op thread per process avoids oversubscription
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

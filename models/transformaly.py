@@ -1,0 +1,390 @@
+"""Transformaly: a frozen ViT teacher, per-layer student blocks, and two Gaussian scores.
+
+After Cohen & Avidan, "Transformaly - Two (Feature Spaces) Are Better Than One" (CVPR-W 2022).
+
+- A frozen timm ViT (any ``vit_*`` model with ``.blocks``) is the teacher. It runs **once** per
+  image and only as deep as needed: up to the deepest chosen layer for training, through every
+  block and the final norm only when the pretrained CLS score is used.
+- For each chosen layer ``l`` a freshly initialised student (``student_depth`` blocks shaped
+  like the teacher's) learns to map the teacher's *input* of block ``l`` to the teacher's
+  *output* of block ``l`` on normal images, over all tokens (MSE).
+- Image score = ``-(w_a * loglik_a + w_b * loglik_b)`` (higher = more anomalous) with
+  (a) the Gaussian log-likelihood of the teacher's final-norm CLS feature after PCA whitening
+  (components kept until the cumulative explained variance reaches ``whitening_threshold``) and
+  (b) the Gaussian log-likelihood of the per-layer student error vector (one mean squared error
+  over tokens and dims per chosen layer). Both Gaussians are fitted by ``fit_statistics`` on
+  the training normals and saved as buffers: **call ``fit_statistics`` before ``predict`` /
+  ``image_score``** (``models.training.fit`` does); scoring before raises ``NotFittedError``.
+- Anomaly map (not in the original): per-patch student error (mean over dims of the squared
+  error, averaged over the chosen layers) on the patch grid, upsampled bilinearly to the input
+  size and blurred with ``map_blur_sigma``. The map needs no fitted statistics.
+
+Differences from the original on purpose: the teacher runs once (not twice) and in eval mode
+(no dropout); the PCA keeps the right number of components (the original kept one too few);
+the layer set, student depth and the weighting of the two scores are parameters.
+
+>>> model = Transformaly.from_config("fast", layers="1-3")   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable, Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import checkpoint_filter_fn
+from torch import Tensor, nn
+
+from models import backbones
+from models.base import AnomalyModel, ConfigError, gaussian_blur, normalize
+
+
+class NotFittedError(RuntimeError):
+    """Image scores were asked for before ``fit_statistics`` fitted the Gaussians."""
+
+
+@dataclass
+class TransformalyConfig:
+    arch: str = "vit_tiny_patch16_224"
+    """timm ViT teacher (a ``vit_*`` model with ``.blocks``), built at ``image_size``."""
+    image_size: int = 128
+    """Input side in px; inputs of another size are resized to it (the map comes back at the input size)."""
+    patch_size: int = 0
+    """Patch side in px of the teacher; 0 = the architecture's own. Pretrained patch embeddings are resampled."""
+    weights: str = "none"
+    """Teacher weights: "imagenet" (model hub), a state-dict file path, or "none" (random, with a warning)."""
+    layers: Any = "1-5"
+    """Teacher blocks that get a student: a list/tuple of 0-based block indices, or a string of
+    inclusive ranges and indices such as "2-11" or "1-3,7". Indices must be unique and < depth."""
+    student_depth: int = 1
+    """Blocks per student."""
+    whitening_threshold: float = 0.9
+    """PCA keeps the fewest components whose cumulative explained variance is >= this, in (0, 1]."""
+    pretrained_score_weight: float = 1.0
+    """Weight of score (a), the CLS-feature log-likelihood; 0 drops it (and the teacher stops at the deepest chosen layer)."""
+    student_score_weight: float = 1.0
+    """Weight of score (b), the student-error log-likelihood; 0 drops it."""
+    covariance_shrinkage: float = 0.01
+    """Both Gaussians: covariance <- (1-a) * covariance + a * mean variance * I, a in [0, 1)."""
+    map_blur_sigma: float = 4.0
+    """Gaussian blur (px of the input) of the upsampled patch-error map; 0 = none."""
+
+
+def parse_layers(spec: Any, depth: int) -> tuple[int, ...]:
+    """Block indices from ``spec`` (ints, or a string like ``"2-11"`` / ``"1-3,7"``), validated against ``depth``."""
+    allowed = f"indices 0..{depth - 1} of the teacher's {depth} blocks"
+    if isinstance(spec, str):
+        indices: list[int] = []
+        for part in (p.strip() for p in spec.split(",")):
+            try:
+                if "-" in part:
+                    first, last = (int(v) for v in part.split("-"))
+                    if last < first:
+                        raise ValueError
+                    indices.extend(range(first, last + 1))
+                else:
+                    indices.append(int(part))
+            except ValueError:
+                raise ConfigError(f"transformaly: layers={spec!r} is not a list of {allowed} nor a "
+                                  "string of inclusive ranges such as '2-11' or '1-3,7'") from None
+    elif isinstance(spec, int) and not isinstance(spec, bool):
+        indices = [spec]
+    elif isinstance(spec, (list, tuple)) and all(isinstance(i, int) and not isinstance(i, bool) for i in spec):
+        indices = list(spec)
+    else:
+        raise ConfigError(f"transformaly: layers={spec!r} must be a list of {allowed} or a range string like '2-11'")
+    if not indices:
+        raise ConfigError(f"transformaly: layers={spec!r} is empty; choose at least one of {allowed}")
+    if len(set(indices)) != len(indices):
+        raise ConfigError(f"transformaly: layers={spec!r} repeats a block; give each of {allowed} at most once")
+    bad = [i for i in indices if not 0 <= i < depth]
+    if bad:
+        raise ConfigError(f"transformaly: layers={spec!r} has {bad} outside {allowed}")
+    return tuple(sorted(indices))
+
+
+def components_to_keep(explained_variance_ratio: Tensor, threshold: float) -> int:
+    """The fewest leading components whose cumulative explained variance is >= ``threshold``."""
+    cumulative = torch.cumsum(explained_variance_ratio, 0)
+    # components below the threshold, plus the one that reaches it
+    return min(int((cumulative < threshold).sum()) + 1, explained_variance_ratio.numel())
+
+
+class PCAWhitening(nn.Module):
+    """Projection onto the leading principal components, each scaled to unit variance."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(0))
+        self.register_buffer("components", torch.zeros(0, 0))  # [k, D]
+        self.register_buffer("scale", torch.zeros(0))  # [k] standard deviations
+
+    @torch.no_grad()
+    def fit(self, features: Tensor, threshold: float) -> None:
+        x = features.double()
+        mean = x.mean(0)
+        _, s, vh = torch.linalg.svd(x - mean, full_matrices=False)
+        variance = s.pow(2) / max(x.shape[0] - 1, 1)
+        if variance.sum() <= 0:
+            raise ValueError("PCA whitening: the features have zero variance (identical images?)")
+        k = components_to_keep(variance / variance.sum(), threshold)
+        rank = int((variance > 1e-10 * variance[0]).sum())
+        k = max(1, min(k, rank))
+        self.mean = mean.float()
+        self.components = vh[:k].float()
+        self.scale = variance[:k].sqrt().float()
+
+    def forward(self, features: Tensor) -> Tensor:
+        return (features - self.mean) @ self.components.T / self.scale
+
+
+class GaussianDensity(nn.Module):
+    """A multivariate normal with a shrunk covariance; ``log_prob`` is its log-density."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(0))
+        # precision = L @ L.T, so that the Mahalanobis term is |(x - mean) @ L|^2
+        self.register_buffer("precision_factor", torch.zeros(0, 0))
+        self.register_buffer("log_normalizer", torch.zeros(()))
+
+    @torch.no_grad()
+    def fit(self, samples: Tensor, shrinkage: float) -> None:
+        x = samples.double()
+        n, d = x.shape
+        mean = x.mean(0)
+        centred = x - mean
+        cov = centred.T @ centred / max(n - 1, 1)
+        average_variance = max(float(torch.diagonal(cov).mean()), 1e-12)
+        eye = torch.eye(d, dtype=x.dtype, device=x.device)
+        cov = (1 - shrinkage) * cov + shrinkage * average_variance * eye
+        cov = cov + 1e-9 * average_variance * eye  # keeps the Cholesky factorisation stable
+        chol = torch.linalg.cholesky(cov)
+        # inverse of the lower Cholesky factor C: precision = C^-T C^-1 = L L^T with L = C^-T
+        factor = torch.linalg.solve_triangular(chol, eye, upper=False).T
+        log_det = 2.0 * torch.log(torch.diagonal(chol)).sum()
+        self.mean = mean.float()
+        self.precision_factor = factor.float()
+        self.log_normalizer = (-0.5 * (d * math.log(2 * math.pi) + log_det)).float()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        z = (x.float() - self.mean) @ self.precision_factor
+        return self.log_normalizer - 0.5 * z.pow(2).sum(-1)
+
+
+def fresh_student_block(teacher_block: nn.Module) -> nn.Module:
+    """A block shaped like ``teacher_block`` but freshly initialised (no teacher weight is kept)."""
+    block = copy.deepcopy(teacher_block)
+    for module in block.modules():
+        if isinstance(module, nn.Linear):
+            nn.init.xavier_uniform_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()  # norms, layer scales
+    for p in block.parameters():
+        p.requires_grad_(True)
+    return block.train()
+
+
+def build_teacher(config: TransformalyConfig, keep_blocks: int) -> tuple[nn.Module, str]:
+    """The frozen timm ViT with only its first ``keep_blocks`` blocks and no classifier, and its weights label."""
+    kwargs: dict[str, Any] = {"img_size": config.image_size, "num_classes": 0}
+    if config.patch_size:
+        kwargs["patch_size"] = config.patch_size
+    try:
+        teacher = timm.create_model(config.arch, pretrained=False, **kwargs)
+    except Exception as err:  # timm raises assertion/type errors for impossible geometries
+        raise ConfigError(f"transformaly: cannot build {config.arch!r} with image_size={config.image_size}, "
+                          f"patch_size={config.patch_size}: {err}") from err
+    teacher.blocks = teacher.blocks[:keep_blocks]
+    state = backbones.full_model_state_dict(config.arch, config.weights)
+    if state is None:
+        warnings.warn(f"transformaly: random {config.arch} teacher (weights='none'); its CLS features and "
+                      "block mappings carry no pretrained knowledge, scores are much weaker", stacklevel=4)
+        label = "random"
+    else:
+        state = checkpoint_filter_fn(state, teacher)  # resamples position and patch embeddings
+        own = teacher.state_dict()
+        missing = [k for k in own if k not in state]
+        if missing:
+            raise backbones.WeightsError(f"{config.arch} weights ({config.weights}) lack {len(missing)} "
+                                         f"tensors, e.g. {missing[:3]}")
+        teacher.load_state_dict({k: state[k] for k in own}, strict=True)
+        label = backbones.weights_label(config.weights)
+    return backbones.freeze(teacher), label
+
+
+class Transformaly(AnomalyModel):
+    """Frozen ViT teacher + per-layer student blocks; Gaussian image score, student-error map."""
+
+    name: ClassVar[str] = "transformaly"
+    config_class: ClassVar[type] = TransformalyConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = {
+        # the original: ViT-B/16 at 384 px, ImageNet weights, students on blocks 2..11
+        "paper": {"arch": "vit_base_patch16_384", "image_size": 384, "patch_size": 0, "weights": "imagenet",
+                  "layers": "2-11", "student_depth": 1, "whitening_threshold": 0.9},
+        # offline and CPU-sized: a random ViT-Tiny at 128 px with 8 px patches (16x16 grid)
+        "fast": {"arch": "vit_tiny_patch16_224", "image_size": 128, "patch_size": 8, "weights": "none",
+                 "layers": "1-5", "student_depth": 1, "whitening_threshold": 0.9},
+    }
+
+    def __init__(self, config: TransformalyConfig):
+        super().__init__(config)
+        self._validate(config)
+        depth = self._teacher_depth(config.arch)
+        self.layers = parse_layers(config.layers, depth)
+        self.uses_cls = config.pretrained_score_weight > 0
+        keep = depth if self.uses_cls else self.layers[-1] + 1
+        self.teacher, self.weights_used = build_teacher(config, keep)
+        self.num_prefix_tokens = int(getattr(self.teacher, "num_prefix_tokens", 1))
+        self.grid_size = tuple(self.teacher.patch_embed.grid_size)
+        self.students = nn.ModuleList(
+            nn.Sequential(*(fresh_student_block(self.teacher.blocks[layer]) for _ in range(config.student_depth)))
+            for layer in self.layers)
+        self.cls_whitening = PCAWhitening()
+        self.cls_gaussian = GaussianDensity()
+        self.error_gaussian = GaussianDensity()
+        self.register_buffer("statistics_fitted", torch.zeros((), dtype=torch.bool))
+        self.input_mean, self.input_std = backbones.input_normalization(config.arch, config.weights)
+
+    # ----- construction ----------------------------------------------------------------
+    @staticmethod
+    def _validate(c: TransformalyConfig) -> None:
+        if not isinstance(c.arch, str) or not c.arch.startswith("vit_") or not timm.is_model(c.arch):
+            raise ConfigError(f"transformaly: arch={c.arch!r} must be a timm ViT name starting with 'vit_', "
+                              "e.g. 'vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_384'")
+        if not isinstance(c.image_size, int) or c.image_size < 16:
+            raise ConfigError(f"transformaly: image_size={c.image_size!r} must be an int >= 16")
+        if not isinstance(c.patch_size, int) or c.patch_size < 0:
+            raise ConfigError(f"transformaly: patch_size={c.patch_size!r} must be 0 (the arch's own) or a positive int")
+        if c.patch_size and c.image_size % c.patch_size:
+            raise ConfigError(f"transformaly: image_size={c.image_size} must be a multiple of patch_size={c.patch_size}")
+        if not isinstance(c.student_depth, int) or c.student_depth < 1:
+            raise ConfigError(f"transformaly: student_depth={c.student_depth!r} must be an int >= 1")
+        if not 0 < c.whitening_threshold <= 1:
+            raise ConfigError(f"transformaly: whitening_threshold={c.whitening_threshold} must be in (0, 1]")
+        for field in ("pretrained_score_weight", "student_score_weight"):
+            value = getattr(c, field)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"transformaly: {field}={value} must be finite and >= 0 (0 drops that score)")
+        if c.pretrained_score_weight == 0 and c.student_score_weight == 0:
+            raise ConfigError("transformaly: pretrained_score_weight and student_score_weight are both 0; "
+                              "at least one score must be used")
+        if not 0 <= c.covariance_shrinkage < 1:
+            raise ConfigError(f"transformaly: covariance_shrinkage={c.covariance_shrinkage} must be in [0, 1)")
+        if not c.map_blur_sigma >= 0:
+            raise ConfigError(f"transformaly: map_blur_sigma={c.map_blur_sigma} must be >= 0")
+
+    @staticmethod
+    def _teacher_depth(arch: str) -> int:
+        with torch.device("meta"):  # the structure only, no memory or init cost
+            model = timm.create_model(arch, pretrained=False)
+        if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+            raise ConfigError(f"transformaly: arch={arch!r} has no '.blocks'; choose a plain timm ViT ('vit_*')")
+        return len(model.blocks)
+
+    def frozen_modules(self) -> list[nn.Module]:
+        return [self.teacher]
+
+    # ----- teacher and students --------------------------------------------------------
+    def _prepare(self, images: Tensor) -> Tensor:
+        size = self.config.image_size
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        return normalize(images, self.input_mean, self.input_std)
+
+    @torch.no_grad()
+    def teacher_states(self, images: Tensor, with_cls: bool) -> tuple[list[Tensor], Tensor | None]:
+        """One teacher pass: ``states[i]`` is the input of block ``i`` (and ``states[i+1]`` its output).
+
+        Runs up to the deepest chosen layer, or through every block and the final norm when
+        ``with_cls`` (then also returns the pooled CLS feature).
+        """
+        t = self.teacher
+        h = t.norm_pre(t.patch_drop(t._pos_embed(t.patch_embed(self._prepare(images)))))
+        states = [h]
+        last = len(t.blocks) if with_cls else self.layers[-1] + 1
+        for block in t.blocks[:last]:
+            h = block(h)
+            states.append(h)
+        cls = t.forward_head(t.norm(h), pre_logits=True) if with_cls else None
+        return states, cls
+
+    def student_errors(self, states: list[Tensor]) -> Tensor:
+        """Squared student error per layer and token, mean over dims: ``[B, L, tokens]``."""
+        errors = [(student(states[layer]) - states[layer + 1]).pow(2).mean(-1)
+                  for layer, student in zip(self.layers, self.students)]
+        return torch.stack(errors, 1)
+
+    def loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        states, _ = self.teacher_states(batch["image"], with_cls=False)
+        per_layer = self.student_errors(states).mean(-1).mean(0)  # MSE over batch, tokens, dims
+        parts = {f"layer_{layer}": per_layer[j] for j, layer in enumerate(self.layers)}
+        return {"loss": per_layer.sum(), **parts}
+
+    # ----- maps and scores ---------------------------------------------------------------
+    def map_from_errors(self, errors: Tensor, out_size: tuple[int, int]) -> Tensor:
+        patches = errors[:, :, self.num_prefix_tokens:].mean(1)
+        grid = patches.reshape(patches.shape[0], 1, *self.grid_size)
+        maps = F.interpolate(grid, size=out_size, mode="bilinear", align_corners=False)
+        return gaussian_blur(maps, self.config.map_blur_sigma)
+
+    def anomaly_map(self, images: Tensor) -> Tensor:
+        states, _ = self.teacher_states(images, with_cls=False)
+        return self.map_from_errors(self.student_errors(states), tuple(images.shape[-2:]))
+
+    def score_parts(self, images: Tensor) -> dict[str, Tensor]:
+        """Log-likelihoods of the used scores (``pretrained_loglik``, ``student_loglik``), the image score and the map."""
+        if not bool(self.statistics_fitted):
+            raise NotFittedError("transformaly: call fit_statistics(train_loader) on the training normals before "
+                                 "scoring images (models.training.fit does it after training); anomaly_map needs no fit")
+        states, cls = self.teacher_states(images, with_cls=self.uses_cls)
+        errors = self.student_errors(states)
+        out = {"map": self.map_from_errors(errors, tuple(images.shape[-2:]))}
+        score = torch.zeros(images.shape[0], device=images.device)
+        if self.uses_cls:
+            out["pretrained_loglik"] = self.cls_gaussian.log_prob(self.cls_whitening(cls.float()))
+            score = score - self.config.pretrained_score_weight * out["pretrained_loglik"]
+        if self.config.student_score_weight > 0:
+            out["student_loglik"] = self.error_gaussian.log_prob(errors.mean(-1))
+            score = score - self.config.student_score_weight * out["student_loglik"]
+        out["score"] = score
+        return out
+
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(-(w_a * loglik_a + w_b * loglik_b) [B], student-error map [B, 1, H, W])``; needs ``fit_statistics``."""
+        parts = self.score_parts(images)
+        return parts["score"], parts["map"]
+
+    @torch.no_grad()
+    def fit_statistics(self, loader: Iterable[dict[str, Any]]) -> None:
+        """Fit the CLS-feature PCA + Gaussian and the student-error Gaussian on the training normals."""
+        was_training = self.training
+        self.eval()
+        device = next(self.students.parameters()).device
+        cls_features, layer_errors = [], []
+        for batch in loader:
+            states, cls = self.teacher_states(batch["image"].to(device), with_cls=self.uses_cls)
+            if self.uses_cls:
+                cls_features.append(cls.float())
+            layer_errors.append(self.student_errors(states).mean(-1).float())
+        self.train(was_training)
+        if not layer_errors:
+            raise ValueError("transformaly.fit_statistics: the loader is empty; give it the training normals")
+        shrinkage = self.config.covariance_shrinkage
+        if self.uses_cls:
+            features = torch.cat(cls_features)
+            self.cls_whitening.fit(features, self.config.whitening_threshold)
+            self.cls_gaussian.fit(self.cls_whitening(features), shrinkage)
+        if self.config.student_score_weight > 0:
+            self.error_gaussian.fit(torch.cat(layer_errors), shrinkage)
+        self.statistics_fitted.fill_(True)
+
+
+__all__ = ["NotFittedError", "Transformaly", "TransformalyConfig", "components_to_keep", "parse_layers"]
