@@ -323,7 +323,7 @@ class ClassCodebooks(nn.Module):
         candidates of all workers are gathered, and every worker assigns the i-th dead code of
         a class the i-th valid candidate (workers interleaved), so codebooks stay identical.
         """
-        C, K, D = self.num_classes, self.size, self.dim
+        C, D = self.num_classes, self.dim
         dead = (self.cluster_size < self.dead_code_threshold) & present[:, None]
         if not bool(dead.any()):
             return

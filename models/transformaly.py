@@ -32,7 +32,7 @@ import copy
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable, Sequence
+from typing import Any, ClassVar, Iterable
 
 import timm
 import torch

@@ -1,14 +1,11 @@
 """Fusion properties on constructed members, and the saved ensemble round trip."""
 
 import json
-import subprocess
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from anomaly_data.datasets import ArrayDataset
 from ensembles.ensemble import Ensemble, EnsembleError

@@ -27,15 +27,6 @@ SMALL = dict(weights="packaged", image_size=64, out_indices=(1, 2), embed_dim=32
              ffn_dim=64, codebook_size=16, dropout=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these models are tiny: a second intra-op thread costs more than it brings on a busy machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(seed: int = 0, **overrides) -> HVQTrans:
     torch.manual_seed(seed)
     with warnings.catch_warnings():

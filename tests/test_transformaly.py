@@ -18,15 +18,6 @@ TINY = dict(arch="vit_tiny_patch16_224", image_size=32, patch_size=8, weights="n
             map_blur_sigma=1.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # these models are tiny: a second intra-op thread only adds contention on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny_model(**overrides) -> Transformaly:
     torch.manual_seed(0)
     with warnings.catch_warnings():
