@@ -30,14 +30,16 @@ from ensembles.ensemble import Ensemble, EnsembleError
 MAP_FULL_SCALE = 4.0  # normalised units shown as 255 in the map PNG
 
 
-def expand_paths(items: Iterable) -> Iterator[Path]:
-    """Files as given; folders walked recursively for images, in name order."""
+def expand_paths(items: Iterable) -> Iterator[tuple[Path, Path]]:
+    """``(file, name for its outputs)``: files as given; folders walked recursively for images,
+    in name order, keeping their sub-folders in the output name (no clashes between stems)."""
     for item in items:
         path = Path(item)
         if path.is_dir():
-            yield from sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+            for p in sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS):
+                yield p, Path(path.name) / p.relative_to(path)
         else:
-            yield path
+            yield path, Path(path.name)
 
 
 def map_png(fused: torch.Tensor, size_hw: tuple[int, int]) -> Image.Image:
@@ -48,30 +50,38 @@ def map_png(fused: torch.Tensor, size_hw: tuple[int, int]) -> Image.Image:
 
 def query_images(ensemble: Ensemble, paths: Iterable, class_name: str | None = None, out_dir=None,
                  batch_size: int = 8) -> Iterator[dict]:
-    """One result dict per image path (errors reported per file, never raised halfway)."""
+    """One result dict per image file of ``paths`` (files or folders)."""
+    return score_files(ensemble, expand_paths(paths), class_name, out_dir, batch_size)
+
+
+def score_files(ensemble: Ensemble, named_paths: Iterable[tuple[Path, Path]], class_name: str | None = None,
+                out_dir=None, batch_size: int = 8) -> Iterator[dict]:
+    """One result dict per ``(file, output name)``, in order; an unreadable file gets an
+    ``error`` entry and the others are still scored."""
     fusion = ensemble.fusion_for(class_name)
     out_dir = Path(out_dir) if out_dir is not None else None
-    batch: list[tuple[Path, np.ndarray]] = []
+    batch: list[tuple[Path, Path, np.ndarray]] = []
 
     def flush():
         # the same resize as the datasets (PIL bilinear), so a query scores exactly like evaluation
         x = torch.stack([torch.from_numpy(resize_image(img, fusion.resolution)).permute(2, 0, 1).float() / 255.0
-                         for _, img in batch])
+                         for _, _, img in batch])
         result = ensemble.predict(x, fusion.class_name)
-        for i, (path, img) in enumerate(batch):
+        for i, (path, name, img) in enumerate(batch):
             row = {"path": str(path), "class": fusion.class_name, "score": float(result["scores"][i]),
                    "anomalous": bool(result["anomalous"][i]), "threshold": fusion.threshold}
             if out_dir is not None:
-                target = out_dir / f"{path.stem}_map.png"
+                target = out_dir / name.parent / f"{name.stem}_map.png"
                 target.parent.mkdir(parents=True, exist_ok=True)
                 map_png(result["maps"][i], img.shape[:2]).save(target)
                 row["map"] = str(target)
             yield row
         batch.clear()
 
-    for path in expand_paths(paths):
+    for path, name in named_paths:
+        path, name = Path(path), Path(name)
         try:
-            batch.append((path, read_image(path)))
+            batch.append((path, name, read_image(path)))
         except DatasetError as err:
             if batch:  # keep the output in input order
                 yield from flush()

@@ -1,11 +1,13 @@
 """Fusion properties on constructed members, and the saved ensemble round trip."""
 
 import json
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from anomaly_data.datasets import ArrayDataset
 from ensembles.ensemble import Ensemble, EnsembleError
@@ -116,3 +118,83 @@ def test_ensemble_folder_errors(tmp_path):
     (tmp_path / "ensemble.json").write_text(json.dumps({"format": 0, "classes": {}}))
     with pytest.raises(EnsembleError, match="has format 0; this version reads format 1"):
         Ensemble.load(tmp_path)
+
+
+# ----- a real (tiny) ensemble, built without Ray ----------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, synthetic_root):
+    """Two briefly trained members for 'washer', their best.json index, and the fitted ensemble."""
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    from anomaly_data import prepare_splits
+    from ensembles.build import build_ensemble
+    from models import create_model
+    from models.training import fit
+
+    run = tmp_path_factory.mktemp("run")
+    splits = prepare_splits("mvtec", synthetic_root, ["washer"], image_size=64)
+    index = []
+    for name, config in {"hvq_trans": {"image_size": 64, "levels": 2, "codebook_size": 16},
+                         "transformaly": {"image_size": 64, "layers": "0-1"}}.items():
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = create_model(name, "fast", **config)
+        fit(model, DataLoader(splits.train, batch_size=6, shuffle=True), epochs=2, lr=2e-3)
+        model.save(run / f"{name}.pt")
+        index.append({"model": name, "classes": ["washer"], "checkpoint": str(run / f"{name}.pt")})
+    ensemble = build_ensemble(index, "mvtec", synthetic_root, ["washer"], run / "ensemble")
+    return run, ensemble
+
+
+def test_evaluation_report_files(tiny_run, synthetic_root):
+    from ensembles.evaluate import evaluate_ensemble
+
+    run, ensemble = tiny_run
+    frame = evaluate_ensemble(ensemble, "mvtec", synthetic_root, ["washer"], run / "report", overlays=3)
+    assert list(frame.columns[:7]) == ["class", "member", "image_auroc", "pixel_auroc", "aupro", "image_f1max",
+                                       "pixel_f1max"]
+    assert set(frame["member"]) == {"hvq_trans", "transformaly", "ensemble"}
+    assert (frame[frame["class"] == "mean"]["image_auroc"].values == frame[frame["class"] == "washer"]["image_auroc"].values).all()
+    md = (run / "report" / "results.md").read_text()
+    assert "| transformaly | random |" in md and "| hvq_trans | packaged |" in md
+    assert len(list((run / "report" / "overlays" / "washer").glob("*.png"))) == 3
+    with pytest.raises(EnsembleError, match=r"no member for class\(es\) \['pill'\]"):
+        evaluate_ensemble(ensemble, "mvtec", synthetic_root, ["pill"], run / "report")
+
+
+def test_batch_scoring_with_ray_data_matches_the_query(tiny_run, synthetic_root, tmp_path):
+    import ray
+
+    from ensembles.batch import score_folder
+    from ensembles.query import query_images
+
+    run, _ = tiny_run
+    folder = tmp_path / "incoming"
+    sub = folder / "line2"
+    sub.mkdir(parents=True)
+    for i, src in enumerate(sorted((synthetic_root / "washer" / "test").rglob("*.png"))[:5]):
+        (folder / f"{i}.png").write_bytes(src.read_bytes())
+    Image.open(folder / "0.png").convert("L").save(sub / "0.png")            # grayscale, same stem
+    Image.open(folder / "1.png").resize((1500, 1100)).save(sub / "big.png")   # large and not square
+    (sub / "broken.png").write_bytes(b"not an image")
+    ensemble = Ensemble.load(run / "ensemble", "cpu")
+    expected = list(query_images(ensemble, [folder], out_dir=tmp_path / "q"))
+    ray.init(num_cpus=2, log_to_driver=False)
+    try:
+        target = score_folder(run / "ensemble", [folder], tmp_path / "scored", actors=2, batch_size=3)
+    finally:
+        ray.shutdown()
+    rows = [json.loads(line) for line in target.read_text().splitlines()]
+    assert [r["path"] for r in rows] == [e["path"] for e in expected]             # every file, in order
+    broken = [r for r in rows if "error" in r]
+    assert len(broken) == 1 and broken[0]["path"].endswith("broken.png")
+    for row, exp in zip(rows, expected):
+        if "error" not in row:
+            assert row["score"] == pytest.approx(exp["score"], abs=1e-5)
+            assert Path(row["map"]).is_file()
+    maps = {Path(r["map"]).relative_to(tmp_path / "scored").as_posix() for r in rows if "map" in r}
+    assert {"incoming/0_map.png", "incoming/line2/0_map.png"} <= maps                  # no clash between stems
+    assert Image.open(tmp_path / "scored" / "incoming/line2/big_map.png").size == (1500, 1100)
