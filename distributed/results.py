@@ -44,7 +44,7 @@ def trial_rows(grid, model: str | None = None) -> list[dict]:
                "status": "error" if result.error else "ok",
                "error": root_cause(result.error) if result.error else ""}
         for k, v in metrics.items():
-            if k.startswith("val_") or k in ("epoch", "train_loss", "diverged", "node", METRIC):
+            if k.startswith("val_") or k in ("epoch", "train_loss", "epoch_seconds", "diverged", "node", METRIC):
                 row[k] = v
         for k, v in pd.json_normalize(cfg, sep="/").iloc[0].items():
             if k not in ("model", "classes"):

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -187,6 +188,7 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
     for epoch in range(start, job.epochs):
         if session.world > 1:
             loader.sampler.set_epoch(epoch)
+        started = time.perf_counter()
         try:
             parts = train_epoch(model, loader, optimizer, session.device)
         except NonFiniteLossError as err:
@@ -195,7 +197,8 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
                             "val_image_auroc": float("nan"), "val_pixel_auroc": float("nan"), "node": session.node},
                            lambda d, msg=str(err): (d / DIVERGED_FILE).write_text(msg + "\n"))
             return False
-        metrics = {"epoch": epoch + 1, "train_loss": parts["loss"], "node": session.node}
+        metrics = {"epoch": epoch + 1, "train_loss": parts["loss"], "epoch_seconds": time.perf_counter() - started,
+                   "node": session.node}
         if session.rank == 0:
             net = unwrap(model)
             net.eval()

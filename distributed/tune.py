@@ -41,6 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--trials", type=int, default=3, help="trials per study")
     g.add_argument("--epochs", type=int, default=3, help="maximum epochs per trial (ASHA stops bad ones earlier)")
     g.add_argument("--grace-epochs", type=int, default=1, help="epochs every trial gets before ASHA may stop it")
+    g.add_argument("--search", choices=("tpe", "random"), default="tpe",
+                   help="tpe: Optuna TPE + ASHA early stopping; random: random sampling of the same space, "
+                        "every trial trained to the end (a baseline)")
     g.add_argument("--batch-size", type=int, default=8)
     g.add_argument("--time-budget", type=float, default=None,
                    help="seconds for the whole search, shared among the studies not yet run")
@@ -97,7 +100,8 @@ def run_study(ctx: RunContext, args, model: str, classes: list[str], overrides: 
               time_budget: float | None):
     """One Tune study; restored when an interrupted one is found in the run folder."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
     from ray.tune.search.optuna import OptunaSearch
 
     from distributed.train import METRIC, MODE, TrainJob, tune_trial
@@ -116,9 +120,14 @@ def run_study(ctx: RunContext, args, model: str, classes: list[str], overrides: 
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
     else:
         space, points = get_space(model, base_config(model, args.preset, overrides))
-        searcher = OptunaSearch(space=space, metric=METRIC, mode=MODE, seed=args.seed, points_to_evaluate=points)
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(args.epochs, 1),
-                                  grace_period=max(1, min(args.grace_epochs, args.epochs)), reduction_factor=2)
+        if getattr(args, "search", "tpe") == "random":
+            searcher = OptunaSearch(space=space, metric=METRIC, mode=MODE, points_to_evaluate=points,
+                                    sampler=optuna.samplers.RandomSampler(seed=args.seed))
+            scheduler = FIFOScheduler()
+        else:
+            searcher = OptunaSearch(space=space, metric=METRIC, mode=MODE, seed=args.seed, points_to_evaluate=points)
+            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(args.epochs, 1),
+                                      grace_period=max(1, min(args.grace_epochs, args.epochs)), reduction_factor=2)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
