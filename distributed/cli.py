@@ -17,8 +17,9 @@ from anomaly_data import DATASET_KINDS, DatasetError, read_dataset
 
 DRIVER_CPU = 0.1  # a trial only drives Train workers: a fraction of a CPU is enough
 CACHE_DIR = Path(os.environ.get("ANOMALY_ENSEMBLE_CACHE", Path.home() / ".cache" / "anomaly-ensemble"))
-DEMO_DATASET = {"classes": ["brick", "washer"], "seed": 0, "image_size": 64, "n_train": 24,
-                "n_test_good": 6, "n_test_per_defect": 3}
+# the offline demo's data: every synthetic class is generated (a few seconds), two are tuned
+DEMO_DATASET = {"seed": 0, "image_size": 128, "n_train": 32, "n_test_good": 8, "n_test_per_defect": 4}
+DEMO_CLASSES = ["brick", "washer"]
 
 
 class CliError(ValueError):
@@ -34,6 +35,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable training images with a warning instead of stopping")
     g.add_argument("--seed", type=int, default=0, help="seed for splits, synthetic defects, models and the search")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="input side in px for every model (default: each preset's; --set can still override)")
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
@@ -100,6 +103,7 @@ def resolve_dataset(args) -> tuple[str, Path, list[str]]:
 
         params = dict(DEMO_DATASET, seed=args.seed)
         root = ensure_dataset(CACHE_DIR / f"synthetic-{params['image_size']}px-seed{args.seed}", **params)
+        classes = classes or DEMO_CLASSES
     if root is None:
         raise CliError(f"--dataset {kind} needs --root DIR")
     root = Path(root).expanduser().resolve()

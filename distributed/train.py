@@ -306,7 +306,9 @@ def main(argv=None) -> int:
         ctx = prepare_run(args, models=[args.model])
         groups = [ctx.classes] if args.unified else [[c] for c in ctx.classes]
         base = TrainJob(model=args.model, dataset=ctx.dataset, root=str(ctx.root), classes=ctx.classes,
-                        preset=args.preset, model_config=parse_overrides(args.set), epochs=args.epochs,
+                        preset=args.preset,
+                        model_config={**({"image_size": args.image_size} if args.image_size else {}),
+                                      **parse_overrides(args.set)}, epochs=args.epochs,
                         batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                         skip_bad_images=args.skip_bad_images)
         table = run_grid(ctx, base, groups)

@@ -56,8 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def model_overrides(items: list[str], models: list[str]) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {m: {} for m in models}
+def model_overrides(items: list[str], models: list[str], image_size: int | None = None) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {m: ({"image_size": image_size} if image_size else {}) for m in models}
     for key, value in parse_overrides(items).items():
         model, _, field = key.partition(".")
         if model not in out or not field:
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
         if args.trials < 1 or args.epochs < 1:
             raise CliError("--trials and --epochs must be >= 1")
         ctx = prepare_run(args, models)
-        overrides = model_overrides(args.set, models)
+        overrides = model_overrides(args.set, models, args.image_size)
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

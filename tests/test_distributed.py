@@ -16,7 +16,7 @@ import ray
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = ["--set", "hvq_trans.image_size=64", "--set", "transformaly.image_size=64"]
+SMALL = ["--image-size", "64"]
 
 
 def run_cli(args, timeout=600, **kw):
@@ -126,7 +126,7 @@ def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
     run = tmp_path / "run"
     args = ["-m", "distributed.tune", "--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "pill",
             "--models", "hvq_trans", "--trials", "3", "--epochs", "1", "--workers", "0", "--max-concurrent", "1",
-            "--no-ensemble", "--run-dir", str(run), "--set", "hvq_trans.image_size=64"]
+            "--no-ensemble", "--run-dir", str(run), "--image-size", "64"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True)
