@@ -149,6 +149,9 @@ def prepare_run(args, models: list[str]) -> RunContext:
     kind, root, classes = resolve_dataset(args)
     run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir).expanduser().resolve()
+    if (run_dir / "config.json").exists() and getattr(args, "resume", None) is None:
+        raise CliError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, "
+                       "or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     return RunContext(kind, root, classes, models, run_dir, args.address, args.workers, args.cpus_per_worker,
                       args.gpus_per_worker, args.max_concurrent, args.seed)
@@ -166,23 +169,42 @@ def start_ray(ctx: RunContext) -> None:
         ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
 
 
-def fill_resources(ctx: RunContext) -> None:
-    """Defaults that depend on the cluster: GPUs per worker, CPUs per worker, concurrency."""
+def cluster_capacity() -> tuple[float, float]:
+    """CPUs and GPUs the cluster can have: an autoscaling cluster's maximum (its GPU nodes may
+    not be up yet when the run starts), else what is there now."""
     import ray
 
-    total = ray.cluster_resources()
-    cpus, gpus = total.get("CPU", 1.0), total.get("GPU", 0.0)
+    now = ray.cluster_resources()
+    cpus, gpus = now.get("CPU", 1.0), now.get("GPU", 0.0)
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # private API: absent or changed -> what is there now
+        most = {}
+    big = 1e6  # "unlimited" node counts come back as sys.maxsize
+    return max(cpus, min(most.get("CPU", 0), big)), max(gpus, min(most.get("GPU", 0), big))
+
+
+def fill_resources(ctx: RunContext) -> None:
+    """Defaults that depend on the cluster: GPUs per worker, CPUs per worker, concurrency.
+
+    Raises ``CliError`` when one run can never fit, instead of waiting for ever."""
+    cpus, gpus = cluster_capacity()
     if ctx.gpus_per_worker is None:
         ctx.gpus_per_worker = 1.0 if gpus >= 1 else 0.0
     if ctx.cpus_per_worker is None:
         ctx.cpus_per_worker = 1.0 if cpus > 2 else 0.9
-    if ctx.max_concurrent is None:
-        workers = max(ctx.workers, 1)
-        per_trial_cpu = DRIVER_CPU + (ctx.workers * ctx.cpus_per_worker if ctx.workers else 0.9)
-        fits = math.floor(cpus / per_trial_cpu + 1e-9)
-        if ctx.gpus_per_worker > 0:
-            fits = min(fits, math.floor(gpus / (workers * ctx.gpus_per_worker) + 1e-9))
-        ctx.max_concurrent = max(1, fits)
+    workers = max(ctx.workers, 1)
+    per_trial_cpu = DRIVER_CPU + (ctx.workers * ctx.cpus_per_worker if ctx.workers else 0.9)
+    fits = math.floor(cpus / per_trial_cpu + 1e-9)
+    if ctx.gpus_per_worker > 0:
+        fits = min(fits, math.floor(gpus / (workers * ctx.gpus_per_worker) + 1e-9))
+    if fits < 1:
+        raise CliError(f"one run needs {per_trial_cpu:g} CPUs and {workers * ctx.gpus_per_worker:g} GPUs "
+                       f"({ctx.workers} worker(s)), but the cluster has at most {cpus:g} CPUs and {gpus:g} GPUs: "
+                       "lower --workers, --cpus-per-worker or --gpus-per-worker")
+    ctx.max_concurrent = min(ctx.max_concurrent or fits, fits)
 
 
 def trial_resources(ctx: RunContext) -> dict[str, float]:

@@ -43,6 +43,8 @@ def trial_rows(grid, model: str | None = None) -> list[dict]:
                "trial_id": metrics.get("trial_id", Path(result.path).name if result.path else ""),
                "status": "error" if result.error else "ok",
                "error": root_cause(result.error) if result.error else ""}
+        found = best_reported(result)
+        row["best_val_score"] = found[0] if found else float("nan")  # the other val_* are the last epoch's
         for k, v in metrics.items():
             if k.startswith("val_") or k in ("epoch", "train_loss", "epoch_seconds", "diverged", "node", METRIC):
                 row[k] = v

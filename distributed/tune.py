@@ -74,7 +74,9 @@ def restore_args(argv) -> argparse.Namespace:
     config = args.resume / "config.json"
     if not config.is_file():
         raise CliError(f"--resume {args.resume}: no config.json there (is it a run folder of distributed.tune?)")
-    recorded = json.loads(config.read_text())["args"]
+    recorded = json.loads(config.read_text()).get("args")
+    if recorded is None:
+        raise CliError(f"--resume {args.resume}: this run folder was not made by distributed.tune")
     resumed = parse_args([])
     for key, value in recorded.items():
         setattr(resumed, key, Path(value) if key in ("root", "run_dir") and value else value)
@@ -196,12 +198,13 @@ def main(argv=None) -> int:
             raise CliError("--trials and --epochs must be >= 1")
         ctx = prepare_run(args, models)
         overrides = model_overrides(args.set, models, args.image_size)
+        start_ray(ctx)
+        fill_resources(ctx)
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    start_ray(ctx)
-    fill_resources(ctx)
     recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    recorded["root"] = str(ctx.root)  # resolved: a resume from another folder finds the data
     write_json(ctx.run_dir / "config.json", {"command": "tune", "args": recorded, "dataset": ctx.dataset,
                                              "root": str(ctx.root), "classes": ctx.classes,
                                              "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
@@ -222,15 +225,18 @@ def main(argv=None) -> int:
         done[study_name(model, classes)] = {"best": info["checkpoint"] if info else None, "finished": time.time()}
         write_json(ctx.run_dir / "studies.json", done)
     index = json.loads((ctx.run_dir / "best.json").read_text()) if (ctx.run_dir / "best.json").exists() else []
+    index = [i for i in index if i["model"] in ctx.models and set(i["classes"]) <= set(ctx.classes)]
     print("\nBest validation scores (validation = held-out normals + synthetic defects):")
     print(format_table(index), flush=True)
     if not args.no_ensemble:
+        from anomaly_data import DatasetError
         from ensembles.build import build_and_evaluate
         from ensembles.ensemble import EnsembleError
 
         try:
-            print(build_and_evaluate(ctx.run_dir, index, ctx.dataset, ctx.root, ctx.classes, args.seed), flush=True)
-        except EnsembleError as err:
+            print(build_and_evaluate(ctx.run_dir, index, ctx.dataset, ctx.root, ctx.classes, args.seed,
+                                     skip_bad_images=args.skip_bad_images), flush=True)
+        except (EnsembleError, DatasetError) as err:
             print(f"error: no ensemble: {err}", file=sys.stderr)
             return 1
     print(f"[tune] finished in {time.time() - t0:.0f} s; results in {ctx.run_dir}", flush=True)

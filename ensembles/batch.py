@@ -5,7 +5,8 @@
 
 Same rows as ``ensembles.query`` (path, class, score, anomalous, threshold, map, error), written
 in input order to ``OUT/scores.jsonl``; map PNGs under ``OUT/``. Each actor loads the ensemble
-once (on a GPU when the cluster has one); files are spread over the actors in batches.
+once (on a GPU when the cluster has one); files are spread over the actors in batches. On a
+multi-node cluster the inputs and ``--out`` must be on storage every node sees (see cluster.yaml).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from ensembles.ensemble import Ensemble, EnsembleError
-from ensembles.query import expand_paths, score_files
+from ensembles.query import expand_paths, score_files, unique_name
 
 COLUMNS = ("path", "class", "score", "anomalous", "threshold", "map", "error")
 
@@ -42,10 +43,11 @@ def score_folder(ensemble_dir, inputs, out_dir, class_name: str | None = None, a
     """Score every image of ``inputs`` with a pool of actors; returns ``OUT/scores.jsonl``."""
     import ray
 
-    Ensemble.load(ensemble_dir).fusion_for(class_name)  # fail here, not in the actors, on a bad folder/class
+    Ensemble.load(ensemble_dir, "cpu").fusion_for(class_name)  # fail here, not in the actors, on a bad folder/class
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    items = [{"path": str(p), "name": str(n)} for p, n in expand_paths(inputs)]
+    taken: set[Path] = set()
+    items = [{"path": str(p), "name": str(unique_name(n, taken))} for p, n in expand_paths(inputs)]
     if not items:
         raise EnsembleError(f"no image found in {list(map(str, inputs))}")
     if not ray.is_initialized():

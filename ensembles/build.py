@@ -25,7 +25,7 @@ def members_for_class(index: list[dict], class_name: str) -> dict[str, dict]:
 
 
 def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], out_dir, seed: int = 0,
-                   val_fraction: float = 0.2, device: str | None = None) -> Ensemble:
+                   val_fraction: float = 0.2, device: str | None = None, skip_bad_images: bool = False) -> Ensemble:
     """Fit one fusion per class on its validation set and save the ensemble folder ``out_dir``."""
     from models import load_model
 
@@ -45,9 +45,9 @@ def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], ou
         models = {m: loaded[rel] for m, rel in files.items()}
         resolution = max(net.config.image_size for net in models.values())
         splits = prepare_splits(dataset, root, [class_name], image_size=resolution, val_fraction=val_fraction,
-                                seed=seed)
+                                seed=seed, skip_bad_images=skip_bad_images)
         fusions[class_name] = fit_class_fusion(class_name, models, files, splits.validation, resolution, device)
-    ensemble = Ensemble(fusions, loaded, device=device)
+    ensemble = Ensemble(fusions, loaded, device=device, data={"seed": seed, "val_fraction": val_fraction})
     ensemble.save(out_dir, sources)
     return ensemble
 
@@ -65,19 +65,25 @@ def validation_table(ensemble: Ensemble) -> str:
     notes = []
     for name, fusion in ensemble.fusions.items():
         ens = fusion.validation[-1]
-        verdict = "beats" if ens["beats_best_member"] else "does NOT beat"
-        notes.append(f"{name}: the ensemble ({fusion.rule}, weights {[round(w, 2) for w in fusion.weights]}, "
-                     f"blur {fusion.sigma:.3f}, image score {fusion.image_rule}) {verdict} its best member "
-                     f"({ens['best_member']}) on validation")
+        what = (f"{fusion.rule}, weights {[round(w, 2) for w in fusion.weights]}, blur {fusion.sigma:.3f}, "
+                f"image score {fusion.image_rule}")
+        if len(ens["members_used"]) == 1:
+            notes.append(f"{name}: no combination beats the best member on validation: the ensemble is "
+                         f"{ens['members_used'][0]} alone ({what})")
+        else:
+            verdict = "beats" if ens["beats_best_member"] else "does NOT beat"
+            notes.append(f"{name}: the ensemble ({what}) {verdict} its best member ({ens['best_member']}, at its own "
+                         f"best blur and image score) on validation")
     return text + "\n" + "\n".join(notes)
 
 
 def build_and_evaluate(run_dir: Path, index: list[dict], dataset: str, root, classes: list[str], seed: int,
-                       val_fraction: float = 0.2) -> str:
+                       val_fraction: float = 0.2, skip_bad_images: bool = False) -> str:
     """The run's ensemble (``RUN/ensemble``) and its test-split evaluation (``RUN/results.*``)."""
     from ensembles.evaluate import evaluate_ensemble, format_results
 
-    ensemble = build_ensemble(index, dataset, root, classes, run_dir / "ensemble", seed, val_fraction)
+    ensemble = build_ensemble(index, dataset, root, classes, run_dir / "ensemble", seed, val_fraction,
+                              skip_bad_images=skip_bad_images)
     frame = evaluate_ensemble(ensemble, dataset, root, classes, run_dir)
     return ("\nValidation (fusion fitted here; never the test split):\n" + validation_table(ensemble) +
             "\n\nTest split (results.csv, results.md, overlays/):\n" + format_results(frame))

@@ -53,6 +53,8 @@ class ClassFusion:
     image_rule: str
     image_weights: list[float]
     threshold: float                        # image score above which an image is anomalous
+    map_range: list[float]                  # fused-map values shown as 0 and 255 in map pictures:
+                                            # median validation-normal pixel, strongest defect pixel
     validation: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -62,7 +64,9 @@ class ClassFusion:
 def to_tensor_batch(images) -> torch.Tensor:
     """``[B,3,H,W]`` float in [0,1] from a tensor, a PIL image / list of them, or ``uint8`` arrays."""
     if torch.is_tensor(images):
-        x = images.float()
+        x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
+        if x.numel() and (x.min() < 0 or x.max() > 1):
+            raise EnsembleError("float images must be in [0, 1] (divide uint8 pixels by 255)")
         if x.dim() == 3:
             x = x.unsqueeze(0)
         if x.dim() != 4 or x.shape[1] not in (1, 3):
@@ -101,11 +105,12 @@ class Ensemble:
     """Fused members per class; ``predict`` gives scores, fused maps and decisions."""
 
     def __init__(self, fusions: dict[str, ClassFusion], members: dict[str, Any], folder: Path | None = None,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", data: dict[str, Any] | None = None):
         self.fusions = fusions
         self.members = members  # member file -> loaded model
         self.folder = folder
         self.device = torch.device(device)
+        self.data = data or {}  # how the validation set was made (seed, val_fraction): also the test split's seed
 
     @property
     def class_names(self) -> list[str]:
@@ -138,7 +143,7 @@ class Ensemble:
                 if not path.is_file():
                     raise EnsembleError(f"member {model} of class {fusion.class_name} is missing: {path}")
                 members[rel] = load_model(path).to(device).eval()
-        return cls(fusions, members, folder, device)
+        return cls(fusions, members, folder, device, config.get("data"))
 
     def save(self, folder, sources: dict[str, Path]) -> Path:
         """Write the folder; ``sources`` maps each member file (relative) to its checkpoint."""
@@ -149,7 +154,7 @@ class Ensemble:
             target.parent.mkdir(parents=True, exist_ok=True)
             if Path(src).resolve() != target.resolve():
                 shutil.copy2(src, target)
-        config = {"format": FORMAT, "classes": {n: f.to_dict() for n, f in self.fusions.items()}}
+        config = {"format": FORMAT, "data": self.data, "classes": {n: f.to_dict() for n, f in self.fusions.items()}}
         tmp = folder / (CONFIG_FILE + ".tmp")
         tmp.write_text(json.dumps(config, indent=2) + "\n")
         tmp.replace(folder / CONFIG_FILE)

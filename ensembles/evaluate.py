@@ -126,15 +126,18 @@ def markdown(frame: pd.DataFrame, pixel_resolution: str) -> str:
 
 
 def evaluate_ensemble(ens: Ensemble, dataset: str, root, classes: list[str] | None, out_dir,
-                      pixel_resolution: str = "gt", overlays: int = 4) -> pd.DataFrame:
-    """Evaluate on the test split of ``classes`` (default: every class of the ensemble found in root)."""
+                      pixel_resolution: str = "gt", overlays: int = 4, seed: int | None = None) -> pd.DataFrame:
+    """Evaluate on the test split of ``classes`` (default: every class of the ensemble found in root).
+
+    ``seed`` decides which normals a ``folder`` dataset keeps for testing; by default the one the
+    ensemble was built with, so no training or validation image is tested on."""
     if pixel_resolution not in ("gt", "input"):
         raise ValueError(f"pixel_resolution must be 'gt' or 'input', got {pixel_resolution!r}")
     wanted = classes or ens.class_names
     missing = [c for c in wanted if c not in ens.class_names]
     if missing:
         raise EnsembleError(f"the ensemble has no member for class(es) {missing}; it covers {ens.class_names}")
-    per_class = read_dataset(dataset, root, wanted)
+    per_class = read_dataset(dataset, root, wanted, seed=ens.data.get("seed", 0) if seed is None else seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -162,12 +165,14 @@ def main(argv=None) -> int:
     p.add_argument("--pixel-resolution", choices=("gt", "input"), default="gt")
     p.add_argument("--overlays", type=int, default=4, help="overlay pictures per class")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="folder datasets: seed of the train/test split (default: the ensemble's own)")
     a = p.parse_args(argv)
     try:
         ens = Ensemble.load(a.ensemble, a.device)
         classes = [c.strip() for c in a.classes.split(",")] if a.classes else None
         frame = evaluate_ensemble(ens, a.dataset, a.root, classes, a.out or a.ensemble.parent,
-                                  a.pixel_resolution, a.overlays)
+                                  a.pixel_resolution, a.overlays, a.seed)
     except (EnsembleError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -4,9 +4,9 @@
 
 Prints one JSON line per image: ``path``, ``class``, ``score``, ``anomalous`` (score >= the
 threshold chosen on the validation set), ``threshold`` and ``map`` (the written PNG: the fused
-map at the image's own size, 8-bit, 255 = 4x the level reached by the top 1 % of validation
-normal pixels). An unreadable file gets a line with ``error`` and the rest are still scored;
-the exit code is 1 when any file failed.
+map at the image's own size, 8-bit, 0 = the median validation-normal pixel, 255 = the strongest
+defect pixel seen on the validation set). An unreadable file gets a line with ``error`` and the
+rest are still scored; the exit code is 1 when any file failed.
 """
 
 from __future__ import annotations
@@ -27,9 +27,6 @@ from anomaly_data.records import IMAGE_EXTENSIONS
 from anomaly_data.transforms import resize_image
 from ensembles.ensemble import Ensemble, EnsembleError
 
-MAP_FULL_SCALE = 4.0  # normalised units shown as 255 in the map PNG
-
-
 def expand_paths(items: Iterable) -> Iterator[tuple[Path, Path]]:
     """``(file, name for its outputs)``: files as given; folders walked recursively for images,
     in name order, keeping their sub-folders in the output name (no clashes between stems)."""
@@ -42,10 +39,22 @@ def expand_paths(items: Iterable) -> Iterator[tuple[Path, Path]]:
             yield path, Path(path.name)
 
 
-def map_png(fused: torch.Tensor, size_hw: tuple[int, int]) -> Image.Image:
+def map_png(fused: torch.Tensor, size_hw: tuple[int, int], value_range: list[float]) -> Image.Image:
+    lo, hi = value_range
     m = fused if fused.dim() == 4 else fused[None]
     m = F.interpolate(m.float(), size=size_hw, mode="bilinear", align_corners=False)[0, 0]
-    return Image.fromarray((m.clamp(0, MAP_FULL_SCALE) / MAP_FULL_SCALE * 255).round().byte().numpy())
+    scaled = ((m - lo) / max(hi - lo, 1e-12)).clamp(0, 1)
+    return Image.fromarray((scaled * 255).round().byte().numpy())
+
+
+def unique_name(name: Path, taken: set[Path]) -> Path:
+    """``name`` or ``name`` with ``_2``, ``_3``... so that no two images share a map file."""
+    candidate, k = name, 1
+    while candidate in taken:
+        k += 1
+        candidate = name.with_name(f"{name.stem}_{k}{name.suffix}")
+    taken.add(candidate)
+    return candidate
 
 
 def query_images(ensemble: Ensemble, paths: Iterable, class_name: str | None = None, out_dir=None,
@@ -61,6 +70,7 @@ def score_files(ensemble: Ensemble, named_paths: Iterable[tuple[Path, Path]], cl
     fusion = ensemble.fusion_for(class_name)
     out_dir = Path(out_dir) if out_dir is not None else None
     batch: list[tuple[Path, Path, np.ndarray]] = []
+    written: set[Path] = set()
 
     def flush():
         # the same resize as the datasets (PIL bilinear), so a query scores exactly like evaluation
@@ -71,9 +81,9 @@ def score_files(ensemble: Ensemble, named_paths: Iterable[tuple[Path, Path]], cl
             row = {"path": str(path), "class": fusion.class_name, "score": float(result["scores"][i]),
                    "anomalous": bool(result["anomalous"][i]), "threshold": fusion.threshold}
             if out_dir is not None:
-                target = out_dir / name.parent / f"{name.stem}_map.png"
+                target = unique_name(out_dir / name.parent / f"{name.stem}_map.png", written)
                 target.parent.mkdir(parents=True, exist_ok=True)
-                map_png(result["maps"][i], img.shape[:2]).save(target)
+                map_png(result["maps"][i], img.shape[:2], fusion.map_range).save(target)
                 row["map"] = str(target)
             yield row
         batch.clear()

@@ -62,7 +62,7 @@ def test_tune_on_two_nodes_then_ensemble_evaluate_and_query(tmp_path, synthetic_
     for model in ("hvq_trans", "transformaly"):
         info = json.loads((run / "best" / model / "washer" / "best.json").read_text())
         assert (run / "best" / model / "washer" / "model.pt").is_file()
-        assert info["metrics"]["val_score"] == trials[trials.model == model]["val_score"].max()
+        assert info["metrics"]["val_score"] == trials[trials.model == model]["best_val_score"].max()
     results = pd.read_csv(run / "results.csv")
     assert {"class", "member", "image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max"} <= set(results)
     assert set(results["member"]) == {"hvq_trans", "transformaly", "ensemble"}
@@ -118,8 +118,8 @@ def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, syntheti
     assert killed, "no worker was killed: the test did not exercise a failure"
     assert result.error is None
     assert result.metrics["epoch"] == 3
-    reported = sorted(json.loads(p.read_text())["epoch"] for p in storage.rglob("metrics.json"))
-    assert reported[-1] == 3
+    epochs = list(result.metrics_dataframe["epoch"])
+    assert epochs == sorted(set(epochs)) and epochs[-1] == 3   # resumed from its checkpoint: no epoch twice
 
 
 def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
@@ -153,16 +153,22 @@ def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
 
 
 def test_cli_rejects_bad_input_before_ray_starts(tmp_path, synthetic_root):
+    used = tmp_path / "used"
+    used.mkdir()
+    (used / "config.json").write_text("{}")
     cases = [
         (["--models", "patchcore"], "unknown model(s) ['patchcore']"),
         (["--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "teapot"], "unknown class(es) ['teapot']"),
         (["--dataset", "mvtec", "--root", str(tmp_path)], "no class folder found"),
         (["--dataset", "visa", "--root", str(tmp_path)], "is not a VisA root"),
         (["--dataset", "mvtec", "--root", str(synthetic_root), "--address", "127.0.0.1:1"], "cannot reach the Ray head"),
+        (["--dataset", "mvtec", "--root", str(synthetic_root), "--workers", "5"], "lower --workers"),
+        (["--dataset", "mvtec", "--root", str(synthetic_root), "--run-dir", str(used)], "already holds a run"),
     ]
     for extra, message in cases:
         started = time.time()
-        out = run_cli(["-m", "distributed.tune", "--run-dir", str(tmp_path / "r"), *extra], timeout=120)
+        run_dir = [] if "--run-dir" in extra else ["--run-dir", str(tmp_path / "r")]
+        out = run_cli(["-m", "distributed.tune", *run_dir, *extra], timeout=120)
         assert out.returncode == 2 and message in out.stderr, (extra, out.stderr[-2000:])
         assert "Traceback" not in out.stderr
         assert time.time() - started < 60
