@@ -11,6 +11,7 @@ from ensembles.ensemble import Ensemble, EnsembleError
 from ensembles.fit import fit_class_fusion
 
 CLASS_SEPARATOR = "+"
+FUSION_DEFECTS = 3  # defective copies per held-out normal in the set the fusion is fitted on
 
 
 def members_for_class(index: list[dict], class_name: str) -> dict[str, dict]:
@@ -44,8 +45,10 @@ def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], ou
             files[model] = rel
         models = {m: loaded[rel] for m, rel in files.items()}
         resolution = max(net.config.image_size for net in models.values())
+        # the same held-out normals as in training, with more defective copies of each: fusion
+        # weights are fitted once, so a larger defect sample is cheap and steadier
         splits = prepare_splits(dataset, root, [class_name], image_size=resolution, val_fraction=val_fraction,
-                                seed=seed, skip_bad_images=skip_bad_images)
+                                seed=seed, skip_bad_images=skip_bad_images, defects_per_normal=FUSION_DEFECTS)
         fusions[class_name] = fit_class_fusion(class_name, models, files, splits.validation, resolution, device)
     ensemble = Ensemble(fusions, loaded, device=device, data={"seed": seed, "val_fraction": val_fraction})
     ensemble.save(out_dir, sources)
