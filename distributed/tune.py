@@ -50,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--study-scope", choices=("class", "unified"), default="class",
                    help="one study per (model, class), or one per model training on all classes")
     g.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run: finished studies and trials are kept")
+                   help="continue an interrupted run: finished studies and trials are kept; the run's "
+                        "recorded options are used (only --address may be given anew)")
     g.add_argument("--no-ensemble", action="store_true", help="stop after the search (no ensemble, no test)")
     add_cluster_args(p)
     return p.parse_args(argv)
@@ -127,7 +128,9 @@ def run_study(ctx: RunContext, args, model: str, classes: list[str], overrides: 
                                     sampler=optuna.samplers.RandomSampler(seed=args.seed))
             scheduler = FIFOScheduler()
         else:
-            searcher = OptunaSearch(space=space, metric=METRIC, mode=MODE, seed=args.seed, points_to_evaluate=points)
+            # TPE's default 10 random start-up trials would be most of a small budget
+            sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=min(10, max(3, args.trials // 3)))
+            searcher = OptunaSearch(space=space, metric=METRIC, mode=MODE, points_to_evaluate=points, sampler=sampler)
             scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(args.epochs, 1),
                                       grace_period=max(1, min(args.grace_epochs, args.epochs)), reduction_factor=2)
         tuner = tune.Tuner(
