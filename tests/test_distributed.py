@@ -194,3 +194,66 @@ def test_cluster_yaml_passes_ray_validation():
     gpus = sorted(t["resources"].get("GPU", 0) for t in types.values())
     assert gpus[0] == 0 and 1 in gpus and gpus[-1] > 1          # CPU head, 1-GPU and multi-GPU workers
     assert any("ray[default,tune,train]==2.60" in c for c in config["setup_commands"])
+
+
+class RecordingSession:
+    """A stand-in for Ray's session that keeps what the loop reports (the loop itself is real)."""
+
+    rank, world, node = 0, 1, "local"
+
+    def __init__(self):
+        import torch
+
+        self.device = torch.device("cpu")
+        self.reports = []
+
+    def checkpoint(self):
+        return None
+
+    def prepare(self, model, dataset, batch_size, drop_last):
+        from torch.utils.data import DataLoader
+
+        return model, DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
+
+    def report(self, metrics, write_checkpoint):
+        folder = Path(__import__("tempfile").mkdtemp())
+        write_checkpoint(folder)
+        self.reports.append((metrics, sorted(p.name for p in folder.iterdir())))
+
+
+def diverging_job(synthetic_root, lr):
+    from distributed.train import TrainJob
+
+    return TrainJob(model="hvq_trans", dataset="mvtec", root=str(synthetic_root), classes=["washer"], epochs=2,
+                    batch_size=4, lr=lr, model_config={"image_size": 64, "levels": 2, "codebook_size": 16})
+
+
+def test_train_loop_stops_and_reports_a_diverged_run(synthetic_root):
+    from distributed.train import train_loop
+
+    session = RecordingSession()
+    assert train_loop(diverging_job(synthetic_root, 1e30), session) is False
+    (metrics, files), = session.reports
+    assert metrics["diverged"] == 1 and np.isnan(metrics["val_score"]) and files == ["DIVERGED"]
+    session = RecordingSession()
+    assert train_loop(diverging_job(synthetic_root, 1e-3), session) is True
+    assert [m["epoch"] for m, _ in session.reports] == [1, 2]
+    assert all(m["diverged"] == 0 and "model.pt" in f for m, f in session.reports)
+
+
+def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root, local_ray):
+    from ray import tune
+
+    from distributed.results import trial_rows
+    from distributed.train import tune_trial
+
+    base = diverging_job(synthetic_root, 1e-3).to_dict()
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, base=base, storage=str(tmp_path / "train"),
+                                                         resources={"workers": 0}), {"CPU": 1})
+    grid = tune.Tuner(trainable, param_space={"lr": tune.grid_search([1e30, 1e-3])},
+                      tune_config=tune.TuneConfig(max_concurrent_trials=2),
+                      run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"),
+                                                failure_config=tune.FailureConfig(max_failures=0))).fit()
+    rows = sorted(trial_rows(grid, "hvq_trans"), key=lambda r: r["config/lr"])
+    assert rows[0]["status"] == "ok" and rows[0]["best_val_score"] > 0
+    assert rows[1]["status"] == "error" and "TrialDiverged" in rows[1]["error"]
