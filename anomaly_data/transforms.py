@@ -1,18 +1,14 @@
-"""Resizing (image bilinear, mask nearest) and per-backbone normalisation constants.
+"""Resizing: images bilinear, masks nearest.
 
 Images stay ``uint8`` until a batch is made; models take ``float`` images in ``[0, 1]`` and
-normalise them for their own backbone (``models.base.normalize`` with these constants).
+normalise them for their own backbone (``models.backbones.input_normalization``), so one
+tensor can feed every member of an ensemble.
 """
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-HALF_MEAN = (0.5, 0.5, 0.5)  # tf_efficientnet_lite* and most ViTs
-HALF_STD = (0.5, 0.5, 0.5)
 
 
 def as_hw(size) -> tuple[int, int]:
