@@ -17,13 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from distributed.train import CHECKPOINT_MODEL, METRIC
-
-CLASS_SEPARATOR = "+"
-
-
-def group_key(classes) -> str:
-    """Folder name of a class group: the class itself, or ``a+b+c`` for a unified model."""
-    return CLASS_SEPARATOR.join(classes)
+from ensembles.build import group_key
 
 
 def root_cause(error: BaseException) -> str:

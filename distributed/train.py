@@ -180,8 +180,9 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
     model.to(session.device)
     optimizer = make_optimizer(model, job.lr, job.weight_decay)
     start = 0
-    if session.checkpoint() is not None:
-        start = restore_checkpoint(session.checkpoint(), model, optimizer)
+    checkpoint = session.checkpoint()
+    if checkpoint is not None:
+        start = restore_checkpoint(checkpoint, model, optimizer)
     torch.manual_seed(job.seed + 1000 * session.rank + start)
     drop_last = len(splits.train) >= 2 * job.batch_size * session.world
     model, loader = session.prepare(model, splits.train, job.batch_size, drop_last)

@@ -94,7 +94,7 @@ def studies(ctx: RunContext, scope: str) -> list[tuple[str, list[str]]]:
 
 
 def study_name(model: str, classes: list[str]) -> str:
-    from distributed.results import group_key
+    from ensembles.build import group_key
 
     return f"{model}-{group_key(classes)}"
 
@@ -171,10 +171,11 @@ class InterruptWatch(logging.Handler):
 
 def finish_study(ctx: RunContext, model: str, classes: list[str], grid) -> dict | None:
     from distributed.results import best_result, export_best, trial_rows, update_best_index, write_trials
+    from ensembles.build import group_key
 
     rows = trial_rows(grid, model)
     for row in rows:
-        row["classes"] = "+".join(classes)
+        row["classes"] = group_key(classes)
     write_trials(rows, ctx.run_dir / "trials.csv")
     info = export_best(best_result(grid), ctx.run_dir, model, classes, {"study": study_name(model, classes)})
     update_best_index(ctx.run_dir, [info] if info else [])

@@ -11,6 +11,12 @@ from ensembles.ensemble import Ensemble, EnsembleError
 from ensembles.fit import fit_class_fusion
 
 CLASS_SEPARATOR = "+"
+
+
+def group_key(classes) -> str:
+    """Name of a class group in file names and tables: the class, or ``a+b+c`` for a unified model."""
+    return CLASS_SEPARATOR.join(classes)
+
 FUSION_DEFECTS = 3  # defective copies per held-out normal in the set the fusion is fitted on
 
 
@@ -38,7 +44,7 @@ def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], ou
             raise EnsembleError(f"no trained member for class {class_name!r}: every trial of it failed")
         files = {}
         for model, info in sorted(entries.items()):
-            rel = f"members/{model}/{CLASS_SEPARATOR.join(info['classes'])}.pt"
+            rel = f"members/{model}/{group_key(info['classes'])}.pt"
             if rel not in loaded:
                 loaded[rel] = load_model(info["checkpoint"]).to(device).eval()
                 sources[rel] = Path(info["checkpoint"])
