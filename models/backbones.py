@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 from pathlib import Path
@@ -144,11 +145,84 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
+    """conv <- bn(conv) for an eval-mode BatchNorm: scale the filters, shift the bias."""
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
+    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+    conv.weight.data = conv.weight.data * scale.reshape(-1, 1, 1, 1)
+    conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+
+
+def _after_folding(bn: nn.BatchNorm2d) -> nn.Module | None:
+    """What stays of a BatchNorm once folded: nothing, or timm's dropout + activation of a BatchNormAct2d."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    if type(bn).__name__ == "BatchNormAct2d" and hasattr(bn, "act") and hasattr(bn, "drop"):
+        return nn.Sequential(bn.drop, bn.act)
+    return None  # unknown forward: leave it alone
+
+
+def fold_batch_norms(net: nn.Module) -> int:
+    """Fold each BatchNorm2d into the Conv2d registered just before it, in place; returns how many.
+
+    Only sibling pairs conv -> BatchNorm in registration order, which is how timm's CNNs are
+    written; :func:`optimize_frozen_cnn` checks the result against the unfolded network.
+    """
+    folded = 0
+    for parent in list(net.modules()):
+        children = list(parent.named_children())
+        for (_, conv), (name, bn) in zip(children, children[1:]):
+            if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
+                    and bn.num_features == conv.out_channels and bn.running_mean is not None):
+                rest = _after_folding(bn)
+                if rest is not None:
+                    _fold_into_conv(conv, bn)
+                    setattr(parent, name, rest)
+                    folded += 1
+    return folded
+
+
+def _same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:
+    with torch.no_grad():
+        out_a, out_b = a(x), b(x.contiguous(memory_format=torch.channels_last))
+    out_a = out_a if isinstance(out_a, (list, tuple)) else [out_a]
+    out_b = out_b if isinstance(out_b, (list, tuple)) else [out_b]
+    return len(out_a) == len(out_b) and all(
+        u.shape == v.shape and bool(((u - v).abs().max() <= 1e-4 * (1 + u.abs().max())).item())
+        for u, v in zip(out_a, out_b))
+
+
+def optimize_frozen_cnn(net: nn.Module) -> nn.Module:
+    """A frozen CNN made cheaper to run: BatchNorms folded into the convolutions, channels-last weights.
+
+    Both are exact rewrites of an eval-mode network (2x faster on CPU for EfficientNet-Lite0 at
+    256 px); the result is checked on a random image against the original, which is returned
+    instead if they disagree (an architecture whose BatchNorm does not directly follow its conv).
+    Run it with :func:`cnn_maps`.
+    """
+    net = freeze(net)
+    original = copy.deepcopy(net)
+    fold_batch_norms(net)
+    net = net.to(memory_format=torch.channels_last)
+    probe = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    return freeze(net) if _same_outputs(original, net, probe) else original
+
+
+def cnn_maps(net: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
+    """Feature maps of a frozen CNN, computed channels-last (faster convolutions), returned contiguous."""
+    maps = net(images.contiguous(memory_format=torch.channels_last))
+    return [m.contiguous() for m in maps]
+
+
 def create_feature_backbone(arch: str, weights: str, out_indices) -> tuple[nn.Module, str]:
-    """A frozen ``features_only`` CNN returning the maps at ``out_indices``, and its weights label."""
+    """A frozen ``features_only`` CNN returning the maps at ``out_indices``, and its weights label.
+
+    Run it with :func:`cnn_maps`.
+    """
     net = timm.create_model(arch, pretrained=False, features_only=True, out_indices=tuple(out_indices))
     label = load_weights_into(net, arch, weights)
-    return freeze(net), label
+    return optimize_frozen_cnn(net), label
 
 
 def create_classifier(arch: str, weights: str) -> tuple[nn.Module, str]:

@@ -404,7 +404,7 @@ def build_backbone(cfg: HaloAEConfig) -> tuple[nn.Module, list[int], str]:
     if cfg.backbone.startswith("vgg"):
         net = VGGFeatures(cfg.backbone, cfg.layers)
         label = backbones.load_weights_into(net, cfg.backbone, cfg.weights)
-        return backbones.freeze(net), list(net.channels), label
+        return backbones.optimize_frozen_cnn(net), list(net.channels), label
     try:
         net, label = backbones.create_feature_backbone(cfg.backbone, cfg.weights, cfg.layers)
     except (IndexError, AssertionError) as err:
@@ -502,7 +502,7 @@ class HaloAE(AnomalyModel):
         grid = (max(1, normalized_images.shape[-2] // self.config.feature_stride),
                 max(1, normalized_images.shape[-1] // self.config.feature_stride))
         with torch.no_grad():
-            return self.feature_norm(resize_to_grid(self.backbone(normalized_images), grid))
+            return self.feature_norm(resize_to_grid(backbones.cnn_maps(self.backbone, normalized_images), grid))
 
     def reconstruct_features(self, features: Tensor) -> Tensor:
         return self.decoder(self.encoder(features))

@@ -66,6 +66,15 @@ def test_forward_backward_maps_and_scores():
     assert (maps >= 0).all()
 
 
+def test_image_score_is_the_largest_mean_over_one_feature_cell():
+    model = tiny_model()  # 32 px on a 4x4 grid: cells of 8 px
+    maps = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    maps[1, 0, 20:28, 3:11] += 5.0  # one cell-sized bright patch, off the cell grid
+    windows = np.lib.stride_tricks.sliding_window_view(maps.numpy(), (8, 8), axis=(2, 3))
+    expected = windows.mean(axis=(-1, -2)).reshape(2, -1).max(axis=1)
+    np.testing.assert_allclose(model.image_score_from_map(maps).numpy(), expected, rtol=1e-5)
+
+
 def test_backbone_is_cut_after_the_deepest_stage_used():
     model = tiny_model()
     # stages (1, 2) of EfficientNet-Lite0 end with blocks 1 and 2: blocks 3..6 are not run
