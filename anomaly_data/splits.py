@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
+from anomaly_data.cache import cached_datasets, splits_key
 from anomaly_data.datasets import ArrayDataset, load_records
 from anomaly_data.folder import read_folder_root
 from anomaly_data.mvtec import read_mvtec
@@ -54,8 +55,12 @@ class Splits:
 
 def prepare_splits(kind: str, root, classes: list[str] | None = None, image_size: int = 128,
                    val_fraction: float = 0.2, seed: int = 0, skip_bad_images: bool = False,
-                   defects_per_normal: int = 1) -> Splits:
-    """Read ``root``, hold out validation normals per class, add synthetic defects to them."""
+                   defects_per_normal: int = 1, cache_dir: str | Path | None = None) -> Splits:
+    """Read ``root``, hold out validation normals per class, add synthetic defects to them.
+
+    With ``cache_dir`` the decoded training and validation arrays are stored there and reused
+    by later calls with the same images and parameters (see ``anomaly_data.cache``).
+    """
     per_class = read_dataset(kind, Path(root), classes, seed)
     names = list(per_class)
     train_records, val_records, test_records = [], [], []
@@ -64,8 +69,19 @@ def prepare_splits(kind: str, root, classes: list[str] | None = None, image_size
         train_records += train
         val_records += val
         test_records += per_class[name].test
-    train_ds = load_records(train_records, names, image_size, skip_bad_images)
-    val_normals = load_records(val_records, names, image_size, skip_bad_images)
-    validation = build_validation_set(val_normals, seed, defects_per_normal)
-    validation.skipped = val_normals.skipped
-    return Splits(names, image_size, train_ds, validation, test_records, skip_bad_images)
+
+    def decode() -> dict[str, ArrayDataset]:
+        train_ds = load_records(train_records, names, image_size, skip_bad_images)
+        val_normals = load_records(val_records, names, image_size, skip_bad_images)
+        validation = build_validation_set(val_normals, seed, defects_per_normal)
+        validation.skipped = val_normals.skipped
+        return {"train": train_ds, "validation": validation}
+
+    if cache_dir is None:
+        datasets = decode()
+    else:
+        params = dict(classes=names, image_size=image_size, val_fraction=val_fraction, seed=seed,
+                      skip_bad_images=skip_bad_images, defects_per_normal=defects_per_normal)
+        key = splits_key(train_records + val_records, params)
+        datasets = cached_datasets(Path(cache_dir), key, ("train", "validation"), decode)
+    return Splits(names, image_size, datasets["train"], datasets["validation"], test_records, skip_bad_images)

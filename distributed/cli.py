@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from anomaly_data import DATASET_KINDS, DatasetError, read_dataset
+from anomaly_data.cache import DEFAULT_CACHE_ROOT
 
 DRIVER_CPU = 0.1  # a trial only drives Train workers: a fraction of a CPU is enough
-CACHE_DIR = Path(os.environ.get("ANOMALY_ENSEMBLE_CACHE", Path.home() / ".cache" / "anomaly-ensemble"))
+CACHE_DIR = DEFAULT_CACHE_ROOT
 # the offline demo's data: every synthetic class is generated (a few seconds), two are tuned
 DEMO_DATASET = {"seed": 0, "image_size": 128, "n_train": 32, "n_test_good": 8, "n_test_per_defect": 4}
 DEMO_CLASSES = ["brick", "washer"]

@@ -28,10 +28,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from anomaly_data.cache import DEFAULT_CACHE_ROOT
 from models import create_model
 from models.training import NonFiniteLossError, make_optimizer, score_loader, train_epoch, unwrap
 
 METRIC = "val_score"
+SPLITS_CACHE = DEFAULT_CACHE_ROOT / "splits"
 MODE = "max"
 CHECKPOINT_MODEL = "model.pt"
 CHECKPOINT_STATE = "state.pt"
@@ -83,11 +85,11 @@ def _cached_splits(dataset: str, root: str, classes: tuple[str, ...], image_size
     from anomaly_data import prepare_splits
 
     return prepare_splits(dataset, root, list(classes), image_size=image_size, val_fraction=val_fraction,
-                          seed=seed, skip_bad_images=skip_bad_images)
+                          seed=seed, skip_bad_images=skip_bad_images, cache_dir=SPLITS_CACHE)
 
 
 def load_splits(job: TrainJob, image_size: int):
-    """Decoded once per worker process and reused by later trials in the same process."""
+    """Decoded once per node (the first trial fills the disk cache), kept in memory per process."""
     return _cached_splits(job.dataset, str(job.root), tuple(job.classes), int(image_size), job.val_fraction,
                           job.seed, job.skip_bad_images)
 

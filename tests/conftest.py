@@ -1,6 +1,9 @@
 import os
+import tempfile
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# the demo dataset and the prepared-splits cache of this session only (Ray workers inherit it)
+os.environ["ANOMALY_ENSEMBLE_CACHE"] = tempfile.mkdtemp(prefix="anomaly-ensemble-tests-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

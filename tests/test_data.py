@@ -215,6 +215,76 @@ def test_validation_set_is_held_out_and_deterministic(synthetic_root):
     assert len(a.test) == 2 * (4 + 4 * 2)
 
 
+def assert_same_datasets(a, b):
+    for field in ("images", "masks", "labels", "class_indices"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.dtype == y.dtype and np.array_equal(x, y), field
+    for field in ("class_names", "defects", "paths", "skipped"):
+        assert getattr(a, field) == getattr(b, field), field
+
+
+def decoding_forbidden(*args, **kwargs):
+    raise AssertionError("decoded images although the cache holds them")
+
+
+def test_splits_cache_returns_the_same_arrays_without_decoding(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    make_mvtec(root)
+    save(root / "bottle/train/good/003.png", rgb(40, 50, 6))
+    cache = tmp_path / "cache"
+    kwargs = dict(image_size=16, val_fraction=0.5, seed=1, defects_per_normal=2)
+    plain = prepare_splits("mvtec", root, **kwargs)
+    first = prepare_splits("mvtec", root, cache_dir=cache, **kwargs)
+    assert len(list(cache.glob("splits-*.npz"))) == 1
+    monkeypatch.setattr("anomaly_data.splits.load_records", decoding_forbidden)
+    second = prepare_splits("mvtec", root, cache_dir=cache, **kwargs)
+    for split in ("train", "validation"):
+        assert_same_datasets(getattr(plain, split), getattr(first, split))
+        assert_same_datasets(getattr(plain, split), getattr(second, split))
+    assert second.test_records == plain.test_records  # the test split is never cached
+    with pytest.raises(AssertionError, match="decoded images"):  # other parameters: another entry
+        prepare_splits("mvtec", root, cache_dir=cache, **{**kwargs, "image_size": 24})
+
+
+def test_splits_cache_sees_a_changed_image_and_rebuilds_a_broken_entry(tmp_path, caplog):
+    root = tmp_path / "data"
+    make_mvtec(root)
+    cache = tmp_path / "cache"
+    before = prepare_splits("mvtec", root, image_size=16, cache_dir=cache)
+    changed = root / "bottle/train/good/000.png"
+    save(changed, rgb(40, 50, 99))
+    after = prepare_splits("mvtec", root, image_size=16, cache_dir=cache)
+    fresh = prepare_splits("mvtec", root, image_size=16)
+    assert_same_datasets(after.train, fresh.train)
+    assert_same_datasets(after.validation, fresh.validation)
+    assert not (np.array_equal(before.train.images, after.train.images)
+                and np.array_equal(before.validation.images, after.validation.images))
+    entries = sorted(cache.glob("splits-*.npz"), key=lambda p: p.stat().st_mtime_ns)
+    assert len(entries) == 2
+    entries[-1].write_bytes(b"truncated")
+    with caplog.at_level(logging.WARNING):
+        again = prepare_splits("mvtec", root, image_size=16, cache_dir=cache)
+    assert "rebuilding it" in caplog.text
+    assert_same_datasets(again.train, fresh.train)
+
+
+def prepare_in_subprocess(root, cache):
+    return prepare_splits("mvtec", root, image_size=16, cache_dir=cache).train.images
+
+
+def test_concurrent_processes_share_one_cache_entry(tmp_path):
+    import multiprocessing as mp
+
+    root = tmp_path / "data"
+    make_mvtec(root)
+    cache = tmp_path / "cache"
+    with mp.get_context("spawn").Pool(2) as pool:
+        results = pool.starmap(prepare_in_subprocess, [(root, cache)] * 2)
+    assert np.array_equal(results[0], results[1])
+    assert np.array_equal(results[0], prepare_splits("mvtec", root, image_size=16).train.images)
+    assert len(list(cache.glob("splits-*.npz"))) == 1 and not list(cache.glob("*.tmp"))
+
+
 def test_validation_needs_two_training_images(tmp_path):
     save(tmp_path / "one/train/good/0.png", rgb(8, 8))
     with pytest.raises(DatasetError, match="has 1 training image"):
