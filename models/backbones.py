@@ -145,13 +145,22 @@ def freeze(module: nn.Module) -> nn.Module:
     return module
 
 
+def folded_conv_parameters(weight: torch.Tensor, bias: torch.Tensor | None, mean: torch.Tensor,
+                           var: torch.Tensor, eps: float, gamma: torch.Tensor | None = None,
+                           beta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the conv that computes BatchNorm(conv(x)) for an eval-mode BatchNorm."""
+    scale = torch.rsqrt(var + eps) * (gamma if gamma is not None else 1)
+    shift = (beta if beta is not None else 0) - mean * scale
+    bias = bias if bias is not None else torch.zeros_like(mean)
+    return weight * scale.reshape(-1, 1, 1, 1), bias * scale + shift
+
+
 def _fold_into_conv(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
-    """conv <- bn(conv) for an eval-mode BatchNorm: scale the filters, shift the bias."""
-    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
-    shift = -bn.running_mean * scale + (bn.bias if bn.affine else 0)
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    conv.weight.data = conv.weight.data * scale.reshape(-1, 1, 1, 1)
-    conv.bias = nn.Parameter(bias * scale + shift, requires_grad=False)
+    weight, bias = folded_conv_parameters(conv.weight.data, None if conv.bias is None else conv.bias.data,
+                                          bn.running_mean, bn.running_var, bn.eps,
+                                          bn.weight.data if bn.affine else None, bn.bias.data if bn.affine else None)
+    conv.weight.data = weight
+    conv.bias = nn.Parameter(bias, requires_grad=False)
 
 
 def _after_folding(bn: nn.BatchNorm2d) -> nn.Module | None:
@@ -169,18 +178,39 @@ def fold_batch_norms(net: nn.Module) -> int:
     Only sibling pairs conv -> BatchNorm in registration order, which is how timm's CNNs are
     written; :func:`optimize_frozen_cnn` checks the result against the unfolded network.
     """
-    folded = 0
-    for parent in list(net.modules()):
+    folded = []
+    for prefix, parent in list(net.named_modules()):
         children = list(parent.named_children())
-        for (_, conv), (name, bn) in zip(children, children[1:]):
+        for (conv_name, conv), (name, bn) in zip(children, children[1:]):
             if (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats
                     and bn.num_features == conv.out_channels and bn.running_mean is not None):
                 rest = _after_folding(bn)
                 if rest is not None:
                     _fold_into_conv(conv, bn)
                     setattr(parent, name, rest)
-                    folded += 1
-    return folded
+                    path = f"{prefix}." if prefix else ""
+                    folded.append((path + conv_name, path + name, bn.eps))
+    # what fold_state_dict needs to read checkpoints written before folding existed
+    net.folded_batch_norms = folded
+    return len(folded)
+
+
+def fold_state_dict(state: dict[str, torch.Tensor], prefix: str, folded: list[tuple[str, str, float]]
+                    ) -> dict[str, torch.Tensor]:
+    """A state dict holding unfolded conv + BatchNorm tensors under ``prefix``, folded as the
+    network now is (checkpoints saved before the backbones were folded still load)."""
+    state = dict(state)
+    for conv, bn, eps in folded:
+        c, b = prefix + conv, prefix + bn
+        if f"{b}.running_mean" not in state:
+            continue
+        weight, bias = folded_conv_parameters(state[f"{c}.weight"], state.get(f"{c}.bias"),
+                                              state[f"{b}.running_mean"], state[f"{b}.running_var"], eps,
+                                              state.get(f"{b}.weight"), state.get(f"{b}.bias"))
+        state[f"{c}.weight"], state[f"{c}.bias"] = weight, bias
+        for name in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked"):
+            state.pop(f"{b}.{name}", None)
+    return state
 
 
 def _same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> bool:

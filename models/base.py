@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models import backbones
+
 CHECKPOINT_FORMAT = 1
 
 
@@ -141,6 +143,9 @@ class AnomalyModel(nn.Module):
         torch.save(self.checkpoint(), str(path))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        for prefix, module in self.named_modules():
+            if getattr(module, "folded_batch_norms", None):
+                state_dict = backbones.fold_state_dict(state_dict, f"{prefix}.", module.folded_batch_norms)
         # Buffers filled by fit_statistics (Gaussians, PCA bases) have data-dependent shapes:
         # take the saved shape before copying.
         for key, value in state_dict.items():

@@ -78,3 +78,49 @@ def test_a_fold_that_would_change_the_outputs_is_not_applied():
     optimized = backbones.optimize_frozen_cnn(net)
     assert isinstance(optimized.bn, nn.BatchNorm2d)  # the unfolded network came back
     assert_same_maps(reference, optimized)
+
+
+def test_unfolded_state_dicts_are_folded_on_load():
+    arch = "tf_efficientnet_lite0"
+    unfolded = with_random_batch_norm_statistics(
+        timm.create_model(arch, pretrained=False, features_only=True, out_indices=(1, 2)))
+    folded = backbones.optimize_frozen_cnn(copy.deepcopy(unfolded))
+    state = {f"backbone.{k}": v for k, v in unfolded.state_dict().items()}
+    converted = backbones.fold_state_dict(state, "backbone.", folded.folded_batch_norms)
+    expected = {f"backbone.{k}": v for k, v in folded.state_dict().items()}
+    assert set(converted) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(converted[key], value, rtol=1e-5, atol=1e-6)
+
+
+def test_checkpoint_written_before_folding_loads_with_the_same_maps(tmp_path):
+    """A checkpoint of an older version holds conv + BatchNorm tensors; it must still load."""
+    import warnings
+
+    from models import create_model, load_model
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # random backbone
+        model = create_model("hvq_trans", weights="none", image_size=32, out_indices=(1, 2), embed_dim=16,
+                             decoder_dim=32, num_heads=2, ffn_dim=32, levels=2, codebook_size=8).eval()
+    checkpoint = model.checkpoint()
+    state = checkpoint["state_dict"]
+    # the same network written unfolded: conv weight W, BatchNorm with mean 0, var 1 - eps, beta = b
+    for conv, bn, eps in model.backbone.folded_batch_norms:
+        c, b = f"backbone.{conv}", f"backbone.{bn}"
+        if f"{c}.weight" not in state:
+            continue  # a stage HVQ-Trans cut off after folding
+        out = state[f"{c}.weight"].shape[0]
+        state[f"{b}.bias"] = state.pop(f"{c}.bias")
+        state[f"{b}.weight"] = torch.ones(out)
+        state[f"{b}.running_mean"] = torch.zeros(out)
+        state[f"{b}.running_var"] = torch.full((out,), 1 - eps)
+        state[f"{b}.num_batches_tracked"] = torch.tensor(0)
+    torch.save(checkpoint, tmp_path / "old.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loaded = load_model(tmp_path / "old.pt").eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.anomaly_map(images), model.anomaly_map(images))
