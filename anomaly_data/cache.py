@@ -91,17 +91,20 @@ def _load(path: Path, names: tuple[str, ...]) -> dict[str, ArrayDataset]:
 
 @contextmanager
 def _entry_lock(path: Path):
+    """Exclusive advisory lock of one entry; without locks (Windows, some network file systems)
+    concurrent trials may both build the entry, which is only slower."""
     try:
         import fcntl
-    except ImportError:  # no advisory locks (Windows): concurrent builds write the same bytes
+        handle = open(path.with_suffix(".lock"), "a")
+    except (ImportError, OSError):
         yield
         return
-    with open(path.with_suffix(".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+    with handle:
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as err:
+            log.warning("cannot lock %s (%s); concurrent trials may decode the same data", handle.name, err)
+        yield  # closing the file releases the lock
 
 
 def cached_datasets(cache_dir: Path, key: str, names: tuple[str, ...],

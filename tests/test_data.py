@@ -298,3 +298,14 @@ def test_resize_mask_stays_binary():
     m[2:5, 2:5] = True
     r = resize_mask(m, (37, 23))
     assert r.dtype == bool and r.shape == (37, 23) and 0 < r.mean() < 0.2
+
+
+def test_an_unusable_cache_folder_only_costs_the_cache(tmp_path, caplog):
+    root = tmp_path / "data"
+    make_mvtec(root)
+    not_a_folder = tmp_path / "cache"
+    not_a_folder.write_text("a file where the cache folder should be")
+    with caplog.at_level(logging.WARNING):
+        splits = prepare_splits("mvtec", root, image_size=16, cache_dir=not_a_folder)
+    assert "decoding without it" in caplog.text and str(not_a_folder) in caplog.text
+    assert_same_datasets(splits.train, prepare_splits("mvtec", root, image_size=16).train)
