@@ -23,7 +23,7 @@ def resize_image(image: np.ndarray, size) -> np.ndarray:
     h, w = as_hw(size)
     if image.shape[:2] == (h, w):
         return image
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BILINEAR))
+    return np.array(Image.fromarray(image).resize((w, h), Image.BILINEAR))  # writable, like read_image's
 
 
 def resize_mask(mask: np.ndarray, size) -> np.ndarray:
