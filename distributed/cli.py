@@ -17,7 +17,6 @@ from anomaly_data import DATASET_KINDS, DatasetError, read_dataset
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
 
 DRIVER_CPU = 0.1  # a trial only drives Train workers: a fraction of a CPU is enough
-CACHE_DIR = DEFAULT_CACHE_ROOT
 # the offline demo's data: every synthetic class is generated (a few seconds), two are tuned
 DEMO_DATASET = {"seed": 0, "image_size": 128, "n_train": 32, "n_test_good": 8, "n_test_per_defect": 4}
 DEMO_CLASSES = ["brick", "washer"]
@@ -103,7 +102,7 @@ def resolve_dataset(args) -> tuple[str, Path, list[str]]:
         from anomaly_data.synthetic import ensure_dataset
 
         params = dict(DEMO_DATASET, seed=args.seed)
-        root = ensure_dataset(CACHE_DIR / f"synthetic-{params['image_size']}px-seed{args.seed}", **params)
+        root = ensure_dataset(DEFAULT_CACHE_ROOT / f"synthetic-{params['image_size']}px-seed{args.seed}", **params)
         classes = classes or DEMO_CLASSES
     if root is None:
         raise CliError(f"--dataset {kind} needs --root DIR")
