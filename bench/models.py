@@ -1,13 +1,14 @@
 """Training and inference throughput and peak memory of each model and of the ensemble.
 
-    python -m bench.models [--sizes 128,256] [--batch 8] [--models haloae,hvq_trans,transformaly]
+    python -m bench.models [--sizes 128,256] [--batch 8] [--models haloae,hvq_trans,transformaly,patchcore]
 
 Each model at its ``fast`` preset (packaged / random weights: speed does not depend on them) at
 each input size, batch 8 of random images: training images/s (loss, backward, AdamW step) and
-inference images/s (``predict``: score + map, under ``inference_mode``), on the CPU threads
+inference images/s (``predict``: score + map, under ``inference_mode``); a model that is fitted,
+not trained (PatchCore) gets its fit time on 3 batches instead of a training figure; on the CPU threads
 available, and on the GPU too when there is one. Peak memory: the process's peak resident
 memory (CPU) or ``max_memory_allocated`` (GPU), each measurement in a fresh process. The
-ensemble row runs all three members and the fusion (mean of normalised maps, blur, max).
+ensemble row runs every member and the fusion (mean of normalised maps, blur, max).
 """
 
 from __future__ import annotations
@@ -19,7 +20,9 @@ import torch
 
 from bench.common import in_fresh_process, machine, peak_rss_mb, table, timed
 
-MODELS = ("haloae", "hvq_trans", "transformaly")
+from models import model_class, model_names
+
+MODELS = tuple(model_names())
 
 
 def build(name: str, size: int, device):
@@ -62,6 +65,11 @@ def measure(name: str, size: int, batch: int, device_name: str, steps: int) -> d
         with torch.inference_mode():
             infer_s = timed(infer, steps, sync=sync)
         train_s = float("nan")
+    elif not model_class(name).trains:
+        model = build(name, size, device)
+        train_s = timed(lambda: fitted(model, size, batch, device), 1, sync=sync) / 3  # s per batch of fit
+        with torch.inference_mode():
+            infer_s = timed(lambda: model.predict(images), steps, sync=sync)
     else:
         model = build(name, size, device)
         optimizer = make_optimizer(model, 1e-4)

@@ -207,9 +207,12 @@ def fill_resources(ctx: RunContext) -> None:
     ctx.max_concurrent = min(ctx.max_concurrent or fits, fits)
 
 
-def trial_resources(ctx: RunContext) -> dict[str, float]:
-    """What the Tune trial itself holds: a driver fraction, or the whole compute in local mode."""
-    if ctx.workers == 0:
+def trial_resources(ctx: RunContext, model: str) -> dict[str, float]:
+    """What the Tune trial itself holds: a driver fraction, or the whole compute when the run
+    happens inside the trial (``--workers 0``, or a model that is fitted, not trained)."""
+    from distributed.train import model_trains
+
+    if ctx.workers == 0 or not model_trains(model):
         res = {"CPU": 0.9 + DRIVER_CPU}
         if ctx.gpus_per_worker:
             res["GPU"] = ctx.gpus_per_worker
@@ -236,7 +239,7 @@ def run_grid(ctx: RunContext, base, groups: list[list[str]]) -> str:
                                              "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, base=base.to_dict(), storage=str(ctx.run_dir / "train"),
-                             resources=ctx.resources()), trial_resources(ctx))
+                             resources=ctx.resources()), trial_resources(ctx, base.model))
     tuner = tune.Tuner(trainable, param_space={"classes": tune.grid_search(groups)},
                        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, max_concurrent_trials=ctx.max_concurrent),
                        run_config=tune.RunConfig(name="train", storage_path=str(ctx.run_dir / "tune"),

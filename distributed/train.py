@@ -73,6 +73,13 @@ class TrainJob:
         return create_model(self.model, self.preset, **config)
 
 
+def model_trains(model: str) -> bool:
+    """False for a model that is fitted in one pass (no DDP, no Train worker group)."""
+    from models import model_class
+
+    return model_class(model).trains
+
+
 def model_config_fields(model: str) -> set[str]:
     from models import model_class
 
@@ -106,7 +113,7 @@ def validation_metrics(model, validation, device, batch_size: int) -> dict[str, 
 def save_checkpoint(directory: Path, model, optimizer, epoch: int, metrics: dict[str, float], job: TrainJob):
     net = unwrap(model)
     net.save(directory / CHECKPOINT_MODEL)
-    torch.save({"optimizer": optimizer.state_dict(), "epoch": epoch, "metrics": metrics, "job": job.to_dict(),
+    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None, "epoch": epoch, "metrics": metrics, "job": job.to_dict(),
                 "rng": torch.get_rng_state()}, directory / CHECKPOINT_STATE)
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))  # "epoch" counts from 1
 
@@ -172,6 +179,19 @@ class TrainSession:
             self._report(metrics, checkpoint=checkpoint)
 
 
+def fit_loop(model, job: TrainJob, session: TrainSession, splits) -> bool:
+    """A model that is fitted, not trained: one ``fit_statistics`` pass, validated and reported as
+    epoch 1 (no optimiser, no DDP; Tune treats it as a one-iteration trial)."""
+    started = time.perf_counter()
+    model.eval()
+    model.fit_statistics(DataLoader(splits.train, batch_size=job.batch_size))
+    metrics = {"epoch": 1, "train_loss": 0.0, "epoch_seconds": time.perf_counter() - started,
+               "node": session.node, "diverged": 0}
+    metrics.update(validation_metrics(model, splits.validation, session.device, job.batch_size))
+    session.report(metrics, lambda d, m=dict(metrics): save_checkpoint(d, model, None, 0, m, job))
+    return True
+
+
 def train_loop(job: TrainJob, session: TrainSession) -> bool:
     """Train ``job``; every epoch rank 0 validates and checkpoints. Resumes from a checkpoint.
 
@@ -180,6 +200,8 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
     model = job.build_model()
     splits = load_splits(job, model.config.image_size)
     model.to(session.device)
+    if not model.trains:
+        return fit_loop(model, job, session, splits)
     optimizer = make_optimizer(model, job.lr, job.weight_decay)
     start = 0
     checkpoint = session.checkpoint()
@@ -273,7 +295,7 @@ def tune_trial(config: dict[str, Any], base: dict[str, Any], storage: str, resou
 
     job = job_from_trial_config(base, config)
     resources = Resources(**resources)
-    if resources.workers == 0:  # train inside this trial process: no worker group to start
+    if resources.workers == 0 or not model_trains(job.model):  # no worker group to start
         diverged = not train_loop(job, TrainSession(in_tune_trial=True))
     else:
         name = f"train-{tune.get_context().get_trial_id()}"  # stable: a retried trial resumes
@@ -288,7 +310,7 @@ def parse_args(argv=None):
     from distributed.cli import add_cluster_args, add_data_args
 
     p = argparse.ArgumentParser(prog="python -m distributed.train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="haloae, hvq_trans or transformaly")
+    p.add_argument("--model", required=True, help="a registered model: haloae, hvq_trans, transformaly, patchcore")
     add_data_args(p)
     p.add_argument("--preset", default="fast", help="model preset: fast (CPU-sized) or paper")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

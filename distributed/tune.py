@@ -23,10 +23,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from models import model_names
 from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, parse_overrides,
                              prepare_run, split_list, start_ray, trial_resources, write_json)
 
-DEFAULT_MODELS = ("haloae", "hvq_trans", "transformaly")
+DEFAULT_MODELS = tuple(model_names())  # every registered model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -115,7 +116,7 @@ def run_study(ctx: RunContext, args, model: str, classes: list[str], overrides: 
                     skip_bad_images=args.skip_bad_images)
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, base=base.to_dict(), storage=str(ctx.run_dir / "train"),
-                             resources=ctx.resources()), trial_resources(ctx))
+                             resources=ctx.resources()), trial_resources(ctx, model))
     name = study_name(model, classes)
     path = ctx.run_dir / "tune" / name
     if tune.Tuner.can_restore(str(path)):

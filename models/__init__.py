@@ -1,4 +1,4 @@
-"""The three detectors behind one interface, and a registry.
+"""The detectors behind one interface, and a registry.
 
 >>> from models import create_model
 >>> model = create_model("haloae", preset="fast")
@@ -19,6 +19,7 @@ _REGISTRY = {
     "haloae": "models.haloae:HaloAE",
     "hvq_trans": "models.hvq_trans:HVQTrans",
     "transformaly": "models.transformaly:Transformaly",
+    "patchcore": "models.patchcore:PatchCore",
 }
 
 

@@ -65,6 +65,9 @@ class AnomalyModel(nn.Module):
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
     # sigma (in pixels of the input) of the blur applied before max-pooling the image score
     score_blur_sigma: ClassVar[float] = 4.0
+    # False for a model that is fitted, not trained (no trainable parameter): its whole training
+    # is one ``fit_statistics`` pass, with no optimiser, no epochs and no DDP
+    trains: ClassVar[bool] = True
 
     def __init__(self, config):
         super().__init__()

@@ -98,10 +98,17 @@ def score_loader(model: nn.Module, loader: Iterable[dict[str, Any]], device="cpu
 def fit(model: AnomalyModel, train_loader, epochs: int, lr: float = 1e-3, device="cpu",
         weight_decay: float = 1e-5, grad_clip: float | None = 1.0,
         on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
-    """Train ``model`` for ``epochs`` on normal images, then fit its statistics."""
+    """Train ``model`` for ``epochs`` on normal images, then fit its statistics.
+
+    A model that is fitted, not trained (``model.trains`` is False) gets its one
+    ``fit_statistics`` pass only; ``epochs`` and ``lr`` do not apply to it."""
     if epochs < 1 or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"need epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
     model.to(device)
+    if not model.trains:
+        model.eval()
+        model.fit_statistics(train_loader)
+        return []
     optimizer = make_optimizer(model, lr, weight_decay)
     history = []
     for epoch in range(epochs):

@@ -1,0 +1,218 @@
+"""PatchCore: a memory bank of normal patch features, nearest-neighbour distances as the score.
+
+After Roth et al., "Towards Total Recall in Industrial Anomaly Detection" (CVPR 2022), written
+from the paper; no code of the original or of anomalib is used.
+
+    image -> frozen CNN stages (``out_indices``), each averaged over a ``neighbourhood`` x
+             ``neighbourhood`` window of cells ("locally aware patch features"), the coarser
+             ones upsampled to the finest grid, concatenated
+          -> fit: every training patch, reduced to a coreset by greedy k-centre selection on a
+             random projection (``coreset_ratio`` of the patches)
+          -> patch score: distance to the nearest memory patch (mean of the ``k`` nearest)
+          -> map: patch scores upsampled to the input and blurred (sigma ``map_blur_sigma`` px)
+          -> image score: the largest patch score, re-weighted by how isolated its nearest
+             memory patch is among its ``reweight_neighbours`` neighbours (the paper's eq. 7)
+
+It has no trainable parameter: ``fit_statistics`` on the training normals is its whole
+training (``trains = False``), so the training loop, Ray Train and the search fit it once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterable
+
+import timm
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models import backbones
+from models.base import AnomalyModel, ConfigError, gaussian_blur, normalize
+
+DISTANCE_CHUNK = 4096  # query patches per distance matrix, to bound memory at large inputs
+
+
+@dataclass
+class PatchCoreConfig:
+    backbone: str = "tf_efficientnet_lite0"
+    """timm CNN used as the frozen feature extractor."""
+    weights: str = "packaged"
+    """Backbone weights: "imagenet", "packaged" (offline, tf_efficientnet_lite0 only), a file, "none"."""
+    out_indices: tuple[int, ...] = (2, 3)
+    """timm ``features_only`` stages whose features are concatenated (the paper: the middle ones)."""
+    image_size: int = 128
+    """Input side in pixels."""
+    neighbourhood: int = 3
+    """Side of the cell window each patch feature is averaged over (odd; 1 = no aggregation)."""
+    coreset_ratio: float = 0.1
+    """Share of the training patches kept in the memory bank (1.0 keeps all)."""
+    projection_dim: int = 128
+    """Dimension of the random projection the coreset is selected on (the original: 128)."""
+    k: int = 1
+    """Nearest memory patches whose distances are averaged into a patch score (the paper: 1)."""
+    reweight_neighbours: int = 9
+    """Neighbours of the nearest memory patch used to re-weight the image score (the paper: b = 9)."""
+    map_blur_sigma: float = 4.0
+    """Gaussian blur of the upsampled map, in input pixels."""
+    seed: int = 0
+    """Seed of the projection and of the coreset's first pick."""
+
+
+PRESETS = {
+    # the paper: WideResNet-50 stages 2 and 3, 10 % coreset, 224 px
+    "paper": dict(backbone="wide_resnet50_2", weights="imagenet", out_indices=(2, 3), image_size=224,
+                  neighbourhood=3, coreset_ratio=0.1, k=1, reweight_neighbours=9),
+    # offline: the packaged EfficientNet-Lite0, stages of stride 8 and 16
+    "fast": dict(backbone="tf_efficientnet_lite0", weights="packaged", out_indices=(2, 3), image_size=128,
+                 neighbourhood=3, coreset_ratio=0.1, k=1, reweight_neighbours=9),
+}
+
+
+def validate_config(c: PatchCoreConfig) -> None:
+    def need(ok: bool, message: str) -> None:
+        if not ok:
+            raise ConfigError(f"patchcore: {message}")
+
+    need(isinstance(c.image_size, int) and c.image_size >= 32, f"image_size must be an int >= 32, got {c.image_size!r}")
+    need(len(c.out_indices) >= 1 and len(set(c.out_indices)) == len(c.out_indices),
+         f"out_indices must be distinct backbone stages, got {c.out_indices}")
+    need(isinstance(c.neighbourhood, int) and c.neighbourhood >= 1 and c.neighbourhood % 2 == 1,
+         f"neighbourhood must be an odd int >= 1, got {c.neighbourhood!r}")
+    need(0 < c.coreset_ratio <= 1, f"coreset_ratio must be in (0, 1], got {c.coreset_ratio}")
+    need(isinstance(c.projection_dim, int) and c.projection_dim >= 1,
+         f"projection_dim must be an int >= 1, got {c.projection_dim!r}")
+    need(isinstance(c.k, int) and c.k >= 1, f"k must be an int >= 1, got {c.k!r}")
+    need(isinstance(c.reweight_neighbours, int) and c.reweight_neighbours >= 1,
+         f"reweight_neighbours must be an int >= 1 (1 switches re-weighting off), got {c.reweight_neighbours!r}")
+    need(c.map_blur_sigma >= 0, f"map_blur_sigma must be >= 0, got {c.map_blur_sigma}")
+
+
+def greedy_coreset(features: Tensor, size: int, projection_dim: int, seed: int) -> Tensor:
+    """Indices of ``size`` rows chosen by greedy k-centre selection: each pick is the row farthest
+    from those already picked, distances measured on a random projection (Johnson-Lindenstrauss)."""
+    n = features.shape[0]
+    if size >= n:
+        return torch.arange(n, device=features.device)
+    generator = torch.Generator().manual_seed(seed)
+    x = features.float()
+    if projection_dim < x.shape[1]:
+        projection = torch.randn(x.shape[1], projection_dim, generator=generator) / projection_dim ** 0.5
+        x = x @ projection.to(x.device)
+    chosen = torch.empty(size, dtype=torch.long, device=x.device)
+    chosen[0] = int(torch.randint(n, (1,), generator=generator))
+    nearest = torch.cdist(x, x[chosen[:1]]).squeeze(1)
+    for i in range(1, size):
+        chosen[i] = torch.argmax(nearest)
+        nearest = torch.minimum(nearest, torch.cdist(x, x[chosen[i:i + 1]]).squeeze(1))
+    return chosen
+
+
+def nearest_distances(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """``(distances [Q, k], indices [Q, k])`` of each query's ``k`` nearest rows of ``bank``."""
+    k = min(k, bank.shape[0])
+    dists, idx = [], []
+    for part in queries.split(DISTANCE_CHUNK):
+        d, i = torch.cdist(part, bank).topk(k, dim=1, largest=False)
+        dists.append(d)
+        idx.append(i)
+    return torch.cat(dists), torch.cat(idx)
+
+
+class PatchCore(AnomalyModel):
+    """Frozen CNN patch features against a coreset memory bank of the training normals."""
+
+    name: ClassVar[str] = "patchcore"
+    config_class: ClassVar[type] = PatchCoreConfig
+    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    trains: ClassVar[bool] = False
+
+    def __init__(self, config: PatchCoreConfig):
+        super().__init__(config)
+        config.out_indices = tuple(config.out_indices)
+        validate_config(config)
+        if not timm.is_model(config.backbone):
+            raise ConfigError(f"patchcore: backbone {config.backbone!r} is not a timm model")
+        try:
+            self.backbone, self.weights_used = backbones.create_feature_backbone(
+                config.backbone, config.weights, config.out_indices)
+        except (IndexError, AssertionError) as err:
+            raise ConfigError(f"patchcore: out_indices={config.out_indices} are not stages of "
+                              f"{config.backbone!r}") from err
+        self.mean, self.std = backbones.input_normalization(config.backbone, config.weights)
+        self.register_buffer("memory_bank", torch.zeros(0, sum(self.backbone.feature_info.channels())))
+
+    def frozen_modules(self):
+        return [self.backbone]
+
+    @torch.no_grad()
+    def patch_features(self, images: Tensor) -> Tensor:
+        """Locally aware patch features on the finest used grid: ``[B, D, h, w]``."""
+        size = self.config.image_size
+        if tuple(images.shape[-2:]) != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        self.backbone.eval()
+        maps = backbones.cnn_maps(self.backbone, normalize(images, self.mean, self.std))
+        p = self.config.neighbourhood
+        maps = [F.avg_pool2d(m, p, stride=1, padding=p // 2, count_include_pad=False) if p > 1 else m for m in maps]
+        grid = max(m.shape[-2:] for m in maps)
+        maps = [m if tuple(m.shape[-2:]) == tuple(grid) else
+                F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]
+        return torch.cat(maps, dim=1)
+
+    @torch.no_grad()
+    def fit_statistics(self, loader: Iterable[dict[str, Any]]) -> None:
+        """The memory bank: every training patch, reduced to a greedy coreset."""
+        device = self.memory_bank.device
+        patches = []
+        for batch in loader:
+            f = self.patch_features(batch["image"].to(device))
+            patches.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+        if not patches:
+            raise ValueError("patchcore.fit_statistics: the loader is empty; give it the training normals")
+        features = torch.cat(patches)
+        size = max(1, round(self.config.coreset_ratio * features.shape[0]))
+        keep = greedy_coreset(features, size, self.config.projection_dim, self.config.seed)
+        self.memory_bank = features[keep].contiguous()
+
+    def patch_scores(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per patch: score ``[B, h, w]``, nearest memory index ``[B, h*w]``, features ``[B, h*w, D]``."""
+        if self.memory_bank.shape[0] == 0:
+            raise RuntimeError("patchcore: the memory bank is empty; call fit_statistics on the training normals")
+        f = self.patch_features(images)
+        b, d, h, w = f.shape
+        flat = f.permute(0, 2, 3, 1).reshape(-1, d)
+        dist, idx = nearest_distances(flat, self.memory_bank, self.config.k)
+        return dist.mean(1).view(b, h, w), idx[:, 0].view(b, h * w), flat.view(b, h * w, d)
+
+    def map_from_scores(self, scores: Tensor, out_size: tuple[int, int]) -> Tensor:
+        maps = F.interpolate(scores.unsqueeze(1), size=out_size, mode="bilinear", align_corners=False)
+        return gaussian_blur(maps, self.config.map_blur_sigma)
+
+    def anomaly_map(self, images: Tensor) -> Tensor:
+        return self.predict(images)[1]
+
+    def reweighted_image_scores(self, scores: Tensor, nearest: Tensor, features: Tensor) -> Tensor:
+        """The paper's eq. 7: ``s = (1 - softmax(-)[m*]) * s*`` over the ``b`` memory neighbours of
+        the nearest memory patch ``m*`` of the most anomalous test patch (written as a softmax so
+        that large distances cannot overflow the exponentials)."""
+        flat = scores.flatten(1)
+        top, where = flat.max(dim=1)
+        b = min(self.config.reweight_neighbours, self.memory_bank.shape[0])
+        if b <= 1:
+            return top
+        anchor = nearest.gather(1, where[:, None]).squeeze(1)                       # m* per image
+        _, neighbours = nearest_distances(self.memory_bank[anchor], self.memory_bank, b)  # N_b(m*), m* first
+        query = features[torch.arange(len(where)), where]                            # m_test*
+        d = torch.linalg.vector_norm(self.memory_bank[neighbours] - query[:, None], dim=-1)
+        return (1 - torch.softmax(d, dim=1)[:, 0]) * top
+
+    @torch.no_grad()
+    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """``(re-weighted image scores [B], maps [B, 1, H, W])``; needs ``fit_statistics``."""
+        scores, nearest, features = self.patch_scores(images)
+        maps = self.map_from_scores(scores, tuple(images.shape[-2:]))
+        return self.reweighted_image_scores(scores, nearest, features), maps
+
+
+__all__ = ["PatchCore", "PatchCoreConfig", "greedy_coreset", "nearest_distances"]
