@@ -36,6 +36,23 @@ class EnsembleError(ValueError):
 
 
 @dataclass
+class FusionChoice:
+    """How member maps become one: the members with a non-zero weight are fused by ``rule``
+    (``weighted`` uses the weights themselves), blurred by ``sigma`` (a fraction of the side),
+    and the image score is ``map_max`` or ``member_mix`` (``image_weights`` over the members'
+    normalised own scores)."""
+
+    rule: str
+    weights: list[float]
+    sigma: float
+    image_rule: str
+    image_weights: list[float]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
 class ClassFusion:
     """Everything fitted on one class's validation set."""
 
@@ -56,9 +73,18 @@ class ClassFusion:
     map_range: list[float]                  # fused-map values shown as 0 and 255 in map pictures:
                                             # median validation-normal pixel, strongest defect pixel
     validation: list[dict[str, Any]] = field(default_factory=list)
+    ablations: dict[str, dict] = field(default_factory=dict)  # "fused:a+b" -> FusionChoice, for the report
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def choice(self) -> FusionChoice:
+        return FusionChoice(self.rule, self.weights, self.sigma, self.image_rule, self.image_weights)
+
+    @property
+    def members_used(self) -> list[str]:
+        return [m for m, w in zip(self.members, self.weights) if w > 0]
 
 
 def to_tensor_batch(images) -> torch.Tensor:
@@ -171,22 +197,30 @@ class Ensemble:
             raise EnsembleError(f"unknown class {class_name!r}; this ensemble covers {self.class_names}")
         return self.fusions[class_name]
 
+    def member_trains(self, class_name: str, model: str) -> bool:
+        return bool(self.members[self.fusion_for(class_name).member_files[model]].trains)
+
     def member_outputs(self, images, class_name: str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Each member's own ``(image scores [B], maps [B,1,R,R])``, maps at the fusion resolution."""
         fusion = self.fusion_for(class_name)
         models = {m: self.members[fusion.member_files[m]] for m in fusion.members}
         return run_members(models, to_tensor_batch(images).to(self.device), fusion.resolution)
 
-    def fuse(self, fusion: ClassFusion, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]]):
-        """``(image scores [B], fused blurred maps [B,1,R,R])`` from member outputs."""
-        maps = [QuantileNormalizer(**fusion.pixel_norm[m])(outputs[m][1]) for m in fusion.members]
-        ranks = [RankTable(fusion.ranks[m]) for m in fusion.members] if fusion.rule == "rank_mean" else None
-        fused = blur(fuse_maps(maps, fusion.rule, fusion.weights, ranks), fusion.sigma)
-        if fusion.image_rule == "map_max":
+    def fuse(self, fusion: ClassFusion, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+             choice: FusionChoice | None = None):
+        """``(image scores [B], fused blurred maps [B,1,R,R])`` from member outputs, by the class's
+        kept fusion or by ``choice`` (an ablation's)."""
+        choice = choice or fusion.choice
+        used = [(m, w) for m, w in zip(fusion.members, choice.weights) if w > 0]
+        maps = [QuantileNormalizer(**fusion.pixel_norm[m])(outputs[m][1]) for m, _ in used]
+        ranks = [RankTable(fusion.ranks[m]) for m, _ in used] if choice.rule == "rank_mean" else None
+        fused = maps[0] if len(maps) == 1 else fuse_maps(maps, choice.rule, [w for _, w in used], ranks)
+        fused = blur(fused, choice.sigma)
+        if choice.image_rule == "map_max":
             scores = fused.flatten(1).amax(1)
         else:
             parts = torch.stack([QuantileNormalizer(**fusion.image_norm[m])(outputs[m][0]) for m in fusion.members])
-            w = torch.as_tensor(fusion.image_weights, dtype=parts.dtype, device=parts.device)
+            w = torch.as_tensor(choice.image_weights, dtype=parts.dtype, device=parts.device)
             scores = torch.einsum("m,mb->b", w / w.sum(), parts)
         return scores, fused
 

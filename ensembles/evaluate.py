@@ -4,8 +4,10 @@
         [--out DIR] [--pixel-resolution gt|input]
 
 Writes ``results.csv`` (long form: class, member, image_auroc, pixel_auroc, aupro, image_f1max,
-pixel_f1max, plus a ``mean`` class row per member), ``results.md`` (the same as tables, with
-the pixel resolution and the weights each member ran on) and ``overlays/<class>/*.png``.
+pixel_f1max, val_image_auroc, val_pixel_auroc, weights, plus a ``mean`` class row per member;
+``member`` is a model name, ``fused:<a>+<b>...`` for an ablation, or ``ensemble`` for the kept
+fusion), ``results.md`` (the same as tables, with the validation -> test gap, what was kept and
+why, the pixel resolution and the weights each member ran on) and ``overlays/<class>/*.png``.
 Pixel metrics are computed at ground-truth resolution by default (maps upsampled bilinearly).
 """
 
@@ -24,11 +26,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from anomaly_data import DATASET_KINDS, DatasetError, load_records, read_dataset, read_mask
-from ensembles.ensemble import Ensemble, EnsembleError
+from ensembles.ensemble import Ensemble, EnsembleError, FusionChoice
+from ensembles.fit import ABLATION_PREFIX
 from ensembles.metrics import evaluate_all
 from ensembles.overlays import save_overlay
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max")
+VAL_METRICS = ("val_image_auroc", "val_pixel_auroc")
 ENSEMBLE = "ensemble"
 
 
@@ -65,16 +69,18 @@ def score_class(ens: Ensemble, class_name: str, records, batch_size: int = 8):
     """Image scores and ``[N,1,R,R]`` maps of every member and of the ensemble."""
     fusion = ens.fusion_for(class_name)
     dataset = load_records(records, [class_name], fusion.resolution)
-    scores: dict[str, list] = {m: [] for m in fusion.members + [ENSEMBLE]}
-    maps: dict[str, list] = {m: [] for m in fusion.members + [ENSEMBLE]}
+    fusions = {**{name: FusionChoice(**c) for name, c in fusion.ablations.items()}, ENSEMBLE: fusion.choice}
+    scores: dict[str, list] = {m: [] for m in fusion.members + list(fusions)}
+    maps: dict[str, list] = {m: [] for m in fusion.members + list(fusions)}
     for batch in DataLoader(dataset, batch_size=batch_size):
         outputs = ens.member_outputs(batch["image"], class_name)
-        fused_scores, fused_maps = ens.fuse(fusion, outputs)
         for m, (s, mp) in outputs.items():
             scores[m].append(s.cpu())
             maps[m].append(mp.cpu())
-        scores[ENSEMBLE].append(fused_scores.cpu())
-        maps[ENSEMBLE].append(fused_maps.cpu())
+        for name, choice in fusions.items():
+            fused_scores, fused_maps = ens.fuse(fusion, outputs, choice)
+            scores[name].append(fused_scores.cpu())
+            maps[name].append(fused_maps.cpu())
     return dataset, {m: (torch.cat(scores[m]).numpy(), torch.cat(maps[m])) for m in scores}
 
 
@@ -84,14 +90,19 @@ def evaluate_class(ens: Ensemble, class_name: str, records, pixel_resolution: st
     dataset, outputs = score_class(ens, class_name, records)
     labels = np.asarray(dataset.labels)
     masks = ground_truth(records, fusion.resolution, pixel_resolution)
+    validation = {r["name"]: r for r in fusion.validation}
     rows = []
     for member, (scores, maps) in outputs.items():
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             values = evaluate_all(scores, labels, upsample_each(maps, masks), masks)
+        used = fusion.members_used if member == ENSEMBLE else \
+            member[len(ABLATION_PREFIX):].split("+") if member.startswith(ABLATION_PREFIX) else [member]
+        val = validation.get(member, {})
         rows.append({"class": class_name, "member": member, **{k: float(values[k]) for k in METRICS},
-                     "weights": "+".join(sorted(set(fusion.weights_used.values()))) if member == ENSEMBLE
-                     else fusion.weights_used.get(member, "")})
+                     "val_image_auroc": float(val.get("image_auroc", np.nan)),
+                     "val_pixel_auroc": float(val.get("pixel_auroc", np.nan)),
+                     "weights": "+".join(sorted({fusion.weights_used.get(m, "") for m in used}))})
     if overlay_dir is not None and overlays > 0:
         first_of_each = {}
         for i, defect in enumerate(dataset.defects):  # one picture per defect kind, normal last
@@ -100,29 +111,58 @@ def evaluate_class(ens: Ensemble, class_name: str, records, pixel_resolution: st
         for i in list(first_of_each.values())[:max(1, overlays - 1)] + normal:
             save_overlay(overlay_dir / class_name / f"{i:03d}_{Path(records[i].path).stem}_{records[i].defect}.png",
                          dataset.images[i], dataset.masks[i],
-                         {m: outputs[m][1][i, 0].numpy() for m in outputs})
+                         {m: outputs[m][1][i, 0].numpy() for m in outputs if not m.startswith(ABLATION_PREFIX)})
     return rows
 
 
 def add_mean_rows(frame: pd.DataFrame) -> pd.DataFrame:
-    means = frame.groupby("member", sort=False)[list(METRICS)].mean().reset_index()
+    means = frame.groupby("member", sort=False)[list(METRICS) + list(VAL_METRICS)].mean().reset_index()
     means.insert(0, "class", "mean")
     means["weights"] = frame.groupby("member", sort=False)["weights"].first().values
     return pd.concat([frame, means], ignore_index=True)
 
 
-def markdown(frame: pd.DataFrame, pixel_resolution: str) -> str:
+def markdown(frame: pd.DataFrame, pixel_resolution: str, notes: dict[str, list[str]] | None = None) -> str:
     lines = ["# Test-split evaluation", "",
              f"Pixel metrics at {'ground-truth' if pixel_resolution == 'gt' else 'ensemble input'} resolution. "
              "Weights: the backbone/teacher weights each member ran on (`random` = no pretrained weights "
-             "were available offline; such a member is far from its paper's accuracy).", ""]
+             "were available offline; such a member is far from its paper's accuracy). "
+             "`fused:a+b` rows are ablations (those members fused by the same procedure); `ensemble` is "
+             "what was kept. Gap = test - validation (validation: held-out normals + synthetic defects): "
+             "a large negative gap means the validation defects did not predict the test defects.", ""]
+    columns = list(METRICS) + ["val I-AUROC", "val P-AUROC", "gap I", "gap P"]
     for class_name, part in frame.groupby("class", sort=False):
-        lines += [f"## {class_name}", "", "| member | weights | " + " | ".join(METRICS) + " |",
-                  "|---|---|" + "---|" * len(METRICS)]
+        lines += [f"## {class_name}", "", "| member | weights | " + " | ".join(columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
         for _, r in part.iterrows():
-            lines.append(f"| {r['member']} | {r['weights']} | " + " | ".join(f"{r[m]:.3f}" for m in METRICS) + " |")
-        lines.append("")
+            values = [r[m] for m in METRICS] + [r["val_image_auroc"], r["val_pixel_auroc"],
+                                                r["image_auroc"] - r["val_image_auroc"],
+                                                r["pixel_auroc"] - r["val_pixel_auroc"]]
+            lines.append(f"| {r['member']} | {r['weights']} | " + " | ".join(f"{v:.3f}" for v in values) + " |")
+        lines += [""] + [f"- {n}" for n in (notes or {}).get(class_name, [])] + [""]
     return "\n".join(lines)
+
+
+def class_notes(ens: Ensemble, frame: pd.DataFrame) -> dict[str, list[str]]:
+    """Per class: what was kept and why, and whether the trained members add anything on test
+    to the members that are fitted only (the memory bank)."""
+    notes = {}
+    for name, fusion in ens.fusions.items():
+        part = frame[frame["class"] == name].set_index("member")
+        kept = fusion.validation[-1]
+        out = [f"kept: {'+'.join(fusion.members_used)} ({fusion.rule}, blur {fusion.sigma:.3f}, "
+               f"image score {fusion.image_rule}); {kept.get('reason', '')}"]
+        fitted = [m for m in fusion.members if not ens.member_trains(name, m)]
+        everything = ABLATION_PREFIX + "+".join(fusion.members)
+        if fitted and everything in part.index and len(fitted) < len(fusion.members):
+            alone = part.loc[fitted, ["image_auroc", "pixel_auroc"]].max()
+            fused = part.loc[everything, ["image_auroc", "pixel_auroc"]]
+            if (fused <= alone + 1e-9).all():
+                out.append(f"the trained members add nothing to {'+'.join(fitted)} on this class's test split "
+                           f"(all fused: {fused['image_auroc']:.3f} / {fused['pixel_auroc']:.3f} image / pixel "
+                           f"AUROC; {'+'.join(fitted)} alone: {alone['image_auroc']:.3f} / {alone['pixel_auroc']:.3f})")
+        notes[name] = out
+    return notes
 
 
 def evaluate_ensemble(ens: Ensemble, dataset: str, root, classes: list[str] | None, out_dir,
@@ -147,7 +187,7 @@ def evaluate_ensemble(ens: Ensemble, dataset: str, root, classes: list[str] | No
         rows += evaluate_class(ens, name, per_class[name].test, pixel_resolution, out_dir / "overlays", overlays)
     frame = add_mean_rows(pd.DataFrame(rows))
     frame.to_csv(out_dir / "results.csv", index=False)
-    (out_dir / "results.md").write_text(markdown(frame, pixel_resolution))
+    (out_dir / "results.md").write_text(markdown(frame, pixel_resolution, class_notes(ens, frame)))
     return frame
 
 

@@ -138,7 +138,8 @@ def tiny_run(tmp_path_factory, synthetic_root):
     splits = prepare_splits("mvtec", synthetic_root, ["washer"], image_size=64)
     index = []
     for name, config in {"hvq_trans": {"image_size": 64, "levels": 2, "codebook_size": 16},
-                         "transformaly": {"image_size": 64, "layers": "0-1"}}.items():
+                         "transformaly": {"image_size": 64, "layers": "0-1"},
+                         "patchcore": {"image_size": 64}}.items():
         torch.manual_seed(0)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -157,10 +158,16 @@ def test_evaluation_report_files(tiny_run, synthetic_root):
     frame = evaluate_ensemble(ensemble, "mvtec", synthetic_root, ["washer"], run / "report", overlays=3)
     assert list(frame.columns[:7]) == ["class", "member", "image_auroc", "pixel_auroc", "aupro", "image_f1max",
                                        "pixel_f1max"]
-    assert set(frame["member"]) == {"hvq_trans", "transformaly", "ensemble"}
+    # members keep their names, ablations are "fused:...", the kept fusion is "ensemble"
+    assert set(frame["member"]) == {"hvq_trans", "patchcore", "transformaly", "fused:hvq_trans+transformaly",
+                                    "fused:hvq_trans+patchcore+transformaly", "ensemble"}
     assert (frame[frame["class"] == "mean"]["image_auroc"].values == frame[frame["class"] == "washer"]["image_auroc"].values).all()
+    washer = frame[frame["class"] == "washer"].set_index("member")
+    assert washer["val_image_auroc"].notna().all() and washer["val_pixel_auroc"].notna().all()
     md = (run / "report" / "results.md").read_text()
     assert "| transformaly | random |" in md and "| hvq_trans | packaged |" in md
+    assert "| fused:hvq_trans+transformaly | packaged+random |" in md and "gap I" in md
+    assert "- kept: " in md and "held-out defect kinds" in md
     assert len(list((run / "report" / "overlays" / "washer").glob("*.png"))) == 3
     with pytest.raises(EnsembleError, match=r"no member for class\(es\) \['pill'\]"):
         evaluate_ensemble(ensemble, "mvtec", synthetic_root, ["pill"], run / "report")
