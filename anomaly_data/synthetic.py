@@ -6,6 +6,10 @@ industrial parts. Test defects: scratch, hole, stain, contamination (a foreign p
 and, for objects, missing part; every mask marks exactly the changed pixels.
 
     python -m anomaly_data.synthetic OUT_DIR [--classes brick,washer] [--seed 0] [--image-size 128]
+    python -m anomaly_data.synthetic OUT_DIR --family surfaces
+
+``--family surfaces`` writes the second benchmark family (``anomaly_data.surfaces``): other
+classes, subtle defects made by other means, to measure what was chosen on defects it never saw.
 
 The validation defects (``anomaly_data.defects``) are other kinds on other source photos, so
 selecting models on them does not tune them to the test defects.
@@ -16,12 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from functools import lru_cache
+from typing import Callable
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from anomaly_data import surfaces
 from anomaly_data.defects import blend, changed_pixels, ellipse_mask, perlin_blob_mask, rotated_bar_mask
 from anomaly_data.records import DatasetError
 from anomaly_data.transforms import resize_image
@@ -210,6 +217,28 @@ def make_defect(class_name: str, kind: str, size: int, rng: np.random.Generator)
     raise RuntimeError(f"could not make a visible {kind} defect on {class_name}")
 
 
+# ----- families --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Family:
+    classes: tuple[str, ...]
+    normal: Callable      # (class_name, size, rng) -> uint8 image
+    defect_kinds: Callable  # class_name -> kinds
+    make_defect: Callable   # (class_name, kind, size, rng) -> (image, mask)
+
+
+FAMILIES = {
+    "default": Family(CLASSES, lambda c, size, rng: render_normal(c, size, rng)[0], defect_kinds, make_defect),
+    "surfaces": Family(surfaces.CLASSES, surfaces.render_normal, lambda c: surfaces.DEFECT_KINDS,
+                       surfaces.make_defect),
+}
+
+
+def family_of(name: str) -> Family:
+    if name not in FAMILIES:
+        raise DatasetError(f"unknown synthetic family {name!r}; choose from {list(FAMILIES)}")
+    return FAMILIES[name]
+
+
 # ----- writing ---------------------------------------------------------------------------
 def _save(path: Path, array: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -217,29 +246,31 @@ def _save(path: Path, array: np.ndarray) -> None:
 
 
 def generate_class(out_dir: Path, class_name: str, seed: int, image_size: int, n_train: int,
-                   n_test_good: int, n_test_per_defect: int) -> None:
-    base = CLASSES.index(class_name)
+                   n_test_good: int, n_test_per_defect: int, family: str = "default") -> None:
+    fam = family_of(family)
+    base = fam.classes.index(class_name)
     root = out_dir / class_name
     for i in range(n_train):
-        image, _, _ = render_normal(class_name, image_size, np.random.default_rng([seed, base, 0, i]))
+        image = fam.normal(class_name, image_size, np.random.default_rng([seed, base, 0, i]))
         _save(root / "train" / "good" / f"{i:03d}.png", image)
     for i in range(n_test_good):
-        image, _, _ = render_normal(class_name, image_size, np.random.default_rng([seed, base, 1, i]))
+        image = fam.normal(class_name, image_size, np.random.default_rng([seed, base, 1, i]))
         _save(root / "test" / "good" / f"{i:03d}.png", image)
-    for k, kind in enumerate(defect_kinds(class_name)):
+    for k, kind in enumerate(fam.defect_kinds(class_name)):
         for i in range(n_test_per_defect):
-            image, mask = make_defect(class_name, kind, image_size, np.random.default_rng([seed, base, 2 + k, i]))
+            image, mask = fam.make_defect(class_name, kind, image_size, np.random.default_rng([seed, base, 2 + k, i]))
             _save(root / "test" / kind / f"{i:03d}.png", image)
             _save(root / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
 
 
 def generate_dataset(out_dir, classes=None, seed: int = 0, image_size: int = 128, n_train: int = 40,
-                     n_test_good: int = 10, n_test_per_defect: int = 4) -> Path:
+                     n_test_good: int = 10, n_test_per_defect: int = 4, family: str = "default") -> Path:
     """Write the dataset under ``out_dir`` (MVTec AD layout) and a ``synthetic.json`` manifest."""
-    classes = list(classes or CLASSES)
-    unknown = [c for c in classes if c not in CLASSES]
+    fam = family_of(family)
+    classes = list(classes or fam.classes)
+    unknown = [c for c in classes if c not in fam.classes]
     if unknown:
-        raise DatasetError(f"unknown synthetic class(es) {unknown}; choose from {list(CLASSES)}")
+        raise DatasetError(f"unknown synthetic class(es) {unknown} in family {family!r}; choose from {list(fam.classes)}")
     if image_size < 32:
         raise DatasetError(f"image_size must be >= 32, got {image_size}")
     if n_train < 2 or n_test_good < 1 or n_test_per_defect < 1:
@@ -247,8 +278,8 @@ def generate_dataset(out_dir, classes=None, seed: int = 0, image_size: int = 128
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     for c in classes:
-        generate_class(out_dir, c, seed, image_size, n_train, n_test_good, n_test_per_defect)
-    manifest = {"format": FORMAT_VERSION, "classes": classes, "seed": seed, "image_size": image_size,
+        generate_class(out_dir, c, seed, image_size, n_train, n_test_good, n_test_per_defect, family)
+    manifest = {"format": FORMAT_VERSION, "family": family, "classes": classes, "seed": seed, "image_size": image_size,
                 "n_train": n_train, "n_test_good": n_test_good, "n_test_per_defect": n_test_per_defect}
     (out_dir / "synthetic.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
@@ -258,7 +289,9 @@ def ensure_dataset(out_dir, **params) -> Path:
     """Generate into ``out_dir`` unless a complete dataset with the same parameters is there."""
     out_dir = Path(out_dir)
     manifest_path = out_dir / "synthetic.json"
-    wanted = {"format": FORMAT_VERSION, "classes": list(params.get("classes") or CLASSES),
+    family = params.get("family", "default")
+    wanted = {"format": FORMAT_VERSION, "family": family,
+              "classes": list(params.get("classes") or family_of(family).classes),
               "seed": params.get("seed", 0), "image_size": params.get("image_size", 128),
               "n_train": params.get("n_train", 40), "n_test_good": params.get("n_test_good", 10),
               "n_test_per_defect": params.get("n_test_per_defect", 4)}
@@ -276,7 +309,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m anomaly_data.synthetic", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out_dir", help="folder to write the dataset into (MVTec AD layout)")
-    p.add_argument("--classes", default=",".join(CLASSES), help=f"comma-separated subset of {','.join(CLASSES)}")
+    p.add_argument("--family", default="default", choices=list(FAMILIES),
+                   help="default: brick, grass, gravel, washer, pill; surfaces: moon, cell, weave, brushed "
+                        "with subtle defects (dent, smudge, fibre, abrasion, crease)")
+    p.add_argument("--classes", default="", help="comma-separated subset of the family's classes (default: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--image-size", type=int, default=128, help="side of the square images in px")
     p.add_argument("--train", type=int, default=40, help="normal training images per class")
@@ -285,7 +321,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         out = generate_dataset(a.out_dir, [c.strip() for c in a.classes.split(",") if c.strip()], a.seed,
-                               a.image_size, a.train, a.test_good, a.test_per_defect)
+                               a.image_size, a.train, a.test_good, a.test_per_defect, a.family)
     except DatasetError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -1,6 +1,7 @@
 """Readers, synthetic data, validation set and bad input."""
 
 import csv
+import json
 import logging
 import subprocess
 import sys
@@ -309,3 +310,28 @@ def test_an_unusable_cache_folder_only_costs_the_cache(tmp_path, caplog):
         splits = prepare_splits("mvtec", root, image_size=16, cache_dir=not_a_folder)
     assert "decoding without it" in caplog.text and str(not_a_folder) in caplog.text
     assert_same_datasets(splits.train, prepare_splits("mvtec", root, image_size=16).train)
+
+
+def test_surfaces_family_masks_mark_every_visible_change(tmp_path):
+    from anomaly_data import surfaces
+
+    for kind, make in surfaces.DEFECTS.items():
+        for c in surfaces.CLASSES:
+            rng = np.random.default_rng([3, surfaces.CLASSES.index(c)])
+            image = surfaces.render_normal(c, 96, rng)
+            out, mask = make(image, rng)
+            change = np.abs(out.astype(int) - image.astype(int)).max(axis=2)
+            assert mask.any() and mask.mean() < 0.3, (kind, c)
+            assert (change[mask] >= surfaces.MIN_DELTA).all() and (change[~mask] < surfaces.MIN_DELTA).all(), (kind, c)
+    out = tmp_path / "surf"
+    r = subprocess.run([sys.executable, "-m", "anomaly_data.synthetic", str(out), "--family", "surfaces",
+                        "--image-size", "48", "--train", "3", "--test-good", "1", "--test-per-defect", "1"],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    data = read_mvtec(out)
+    assert set(data) == set(surfaces.CLASSES)
+    assert {r.defect for r in data["weave"].test} == {"good", *surfaces.DEFECT_KINDS}
+    assert json.loads((out / "synthetic.json").read_text())["family"] == "surfaces"
+    r = subprocess.run([sys.executable, "-m", "anomaly_data.synthetic", str(out), "--family", "surfaces",
+                        "--classes", "brick"], capture_output=True, text=True)
+    assert r.returncode == 2 and "in family 'surfaces'" in r.stderr

@@ -65,7 +65,8 @@ def test_tune_on_two_nodes_then_ensemble_evaluate_and_query(tmp_path, synthetic_
         assert info["metrics"]["val_score"] == trials[trials.model == model]["best_val_score"].max()
     results = pd.read_csv(run / "results.csv")
     assert {"class", "member", "image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max"} <= set(results)
-    assert set(results["member"]) == {"hvq_trans", "transformaly", "ensemble"}
+    # members, the chosen ensemble, and the ablation that fuses every member whatever was chosen
+    assert set(results["member"]) == {"hvq_trans", "transformaly", "ensemble", "fused:hvq_trans+transformaly"}
     assert set(results["class"]) == {"washer", "mean"}
     assert results[["image_auroc", "pixel_auroc", "aupro"]].notna().all().all()
     assert "ground-truth resolution" in (run / "results.md").read_text()
@@ -157,7 +158,7 @@ def test_cli_rejects_bad_input_before_ray_starts(tmp_path, synthetic_root):
     used.mkdir()
     (used / "config.json").write_text("{}")
     cases = [
-        (["--models", "patchcore"], "unknown model(s) ['patchcore']"),
+        (["--models", "padim"], "unknown model(s) ['padim']"),
         (["--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "teapot"], "unknown class(es) ['teapot']"),
         (["--dataset", "mvtec", "--root", str(tmp_path)], "no class folder found"),
         (["--dataset", "visa", "--root", str(tmp_path)], "is not a VisA root"),
