@@ -11,7 +11,7 @@ from search_spaces import base_config, get_space
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-@pytest.mark.parametrize("model", ["haloae", "hvq_trans", "transformaly"])
+@pytest.mark.parametrize("model", ["haloae", "hvq_trans", "transformaly", "patchcore"])
 def test_space_samples_build_valid_models(model):
     overrides = {"image_size": 64}
     base = base_config(model, "fast", overrides)
@@ -28,7 +28,7 @@ def test_space_samples_build_valid_models(model):
         if i == 0:
             assert trial.params == points[0]                     # the paper's setting comes first
         job = job_from_trial_config(job_base, {**trial.params, **constants})
-        assert job.lr == trial.params["lr"]
+        assert job.lr == trial.params.get("lr", job.lr)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = job.build_model()                              # raises ConfigError if inconsistent
