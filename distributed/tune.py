@@ -170,7 +170,16 @@ class InterruptWatch(logging.Handler):
         logging.getLogger("ray.tune").removeHandler(self)
 
 
-def finish_study(ctx: RunContext, model: str, classes: list[str], grid) -> dict | None:
+def paper_setting(model: str, args, overrides: dict[str, Any]) -> dict[str, Any]:
+    """The point every study evaluates first (the preset's / paper's values of the searched keys)."""
+    from search_spaces import base_config, get_space
+
+    points = get_space(model, base_config(model, args.preset, overrides))[1]
+    return points[0] if points else {}
+
+
+def finish_study(ctx: RunContext, model: str, classes: list[str], grid, default_point: dict | None = None
+                 ) -> dict | None:
     from distributed.results import best_result, export_best, trial_rows, update_best_index, write_trials
     from ensembles.build import group_key
 
@@ -178,7 +187,8 @@ def finish_study(ctx: RunContext, model: str, classes: list[str], grid) -> dict 
     for row in rows:
         row["classes"] = group_key(classes)
     write_trials(rows, ctx.run_dir / "trials.csv")
-    info = export_best(best_result(grid), ctx.run_dir, model, classes, {"study": study_name(model, classes)})
+    info = export_best(best_result(grid, default_point), ctx.run_dir, model, classes,
+                       {"study": study_name(model, classes)})
     update_best_index(ctx.run_dir, [info] if info else [])
     failed = sum(r["status"] == "error" for r in rows)
     if failed:
@@ -226,7 +236,7 @@ def main(argv=None) -> int:
             print(f"[tune] interrupted during study {study_name(model, classes)}; continue with "
                   f"python -m distributed.tune --resume {ctx.run_dir}", file=sys.stderr, flush=True)
             return 130
-        info = finish_study(ctx, model, classes, grid)
+        info = finish_study(ctx, model, classes, grid, paper_setting(model, args, overrides[model]))
         done[study_name(model, classes)] = {"best": info["checkpoint"] if info else None, "finished": time.time()}
         write_json(ctx.run_dir / "studies.json", done)
     index = json.loads((ctx.run_dir / "best.json").read_text()) if (ctx.run_dir / "best.json").exists() else []

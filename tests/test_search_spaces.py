@@ -41,3 +41,28 @@ def test_haloae_blocks_fit_the_feature_grid():
     from search_spaces.haloae import block_choices
 
     assert block_choices(16) == [2, 4, 8, 16] and block_choices(60) == [2, 4, 6, 10, 12]
+
+
+def test_the_papers_setting_is_kept_unless_beaten_by_the_margin(tmp_path):
+    from types import SimpleNamespace
+
+    import pandas as pd
+
+    from distributed.results import SEARCH_MARGIN, best_result
+    from distributed.train import CHECKPOINT_MODEL
+
+    def trial(name, score, **config):
+        ckpt = tmp_path / name
+        ckpt.mkdir()
+        (ckpt / CHECKPOINT_MODEL).write_bytes(b"x")
+        frame = pd.DataFrame({"val_score": [score - 0.1, score], "checkpoint_path": [str(ckpt)] * 2})
+        return SimpleNamespace(error=None, metrics_dataframe=frame, best_checkpoints=None, config=config)
+
+    paper = {"stages": "2,3", "k": 1}
+    default = trial("default", 0.90, stages="2,3", k=1, lr=1e-3)
+    close = trial("close", 0.90 + SEARCH_MARGIN / 2, stages="1,2", k=4)
+    far = trial("far", 0.90 + 2 * SEARCH_MARGIN, stages="1,2", k=2)
+    assert best_result([default, close], paper) is default
+    assert best_result([default, close, far], paper) is far
+    assert best_result([default, close]) is close                # no paper setting given: plain best
+    assert best_result([close, far], paper) is far               # the paper's trial failed or was not run
