@@ -42,7 +42,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--workers", type=int, default=1,
-                   help="Ray Train workers per run (DDP when > 1; 0 trains inside the trial process)")
+                   help="Ray Train workers per run (DDP when > 1; 0 trains inside the trial process; "
+                        "default 1, the offline demo of distributed.tune: 0)")
     g.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs per Train worker (default: 1, or 0.9 on a machine with at most 2 CPUs)")
     g.add_argument("--gpus-per-worker", type=float, default=None,

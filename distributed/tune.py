@@ -30,6 +30,9 @@ from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_ar
 DEFAULT_MODELS = tuple(model_names())  # every registered model
 
 
+DEMO_TRIALS = 2
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m distributed.tune", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -39,7 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--preset", default="fast", help="model preset the search starts from: fast or paper")
     g.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
                    help="fix a model config field, e.g. --set hvq_trans.num_heads=8 (repeatable)")
-    g.add_argument("--trials", type=int, default=3, help="trials per study")
+    g.add_argument("--trials", type=int, default=None, help=f"trials per study (default: 3; the demo: {DEMO_TRIALS})")
     g.add_argument("--epochs", type=int, default=3, help="maximum epochs per trial (ASHA stops bad ones earlier)")
     g.add_argument("--grace-epochs", type=int, default=1, help="epochs every trial gets before ASHA may stop it")
     g.add_argument("--search", choices=("tpe", "random"), default="tpe",
@@ -55,7 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "recorded options are used (only --address may be given anew)")
     g.add_argument("--no-ensemble", action="store_true", help="stop after the search (no ensemble, no test)")
     add_cluster_args(p)
-    return p.parse_args(argv)
+    p.set_defaults(workers=None)
+    args = p.parse_args(argv)
+    # the offline demo trains inside each trial (no Train worker group to start per trial) and runs
+    # fewer trials, to stay within a few minutes on a laptop; an explicit option still wins
+    demo = args.dataset == "synthetic" and args.root is None
+    if args.trials is None:
+        args.trials = DEMO_TRIALS if demo else 3
+    if args.workers is None:
+        args.workers = 0 if demo else 1
+    return args
 
 
 def model_overrides(items: list[str], models: list[str], image_size: int | None = None) -> dict[str, dict[str, Any]]:
