@@ -32,7 +32,7 @@ DEFAULT_MODELS = tuple(model_names())  # every registered model
 
 DEMO_TRIALS = 2
 # Trained members are starved by a handful of epochs: on the surfaces family HVQ-Trans went from
-# 0.78 to 0.90 test image AUROC between 3 and 25-50 epochs (bench notes in the README). The demo
+# 0.78 to 0.90 test image AUROC between 3 and 25-50 epochs (python -m bench.epochs). The demo
 # keeps 3 to stay within minutes.
 EPOCHS, DEMO_EPOCHS = 20, 3
 GRACE_EPOCHS, DEMO_GRACE_EPOCHS = 3, 1
