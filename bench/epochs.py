@@ -61,13 +61,13 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, default=8)
     a = p.parse_args(argv)
     checkpoints = sorted(int(x) for x in a.epochs.split(","))
-    classes = a.classes.split(",") if a.classes else list(read_dataset(a.dataset, a.root, None))
+    per_class = read_dataset(a.dataset, a.root, a.classes.split(",") if a.classes else None, seed=0)
     print(machine())
     warnings.simplefilter("ignore")
     rows = []
-    for c in classes:
+    for c, records in per_class.items():
         splits = prepare_splits(a.dataset, a.root, [c], image_size=128, seed=0)
-        test = load_records(read_dataset(a.dataset, a.root, [c], seed=0)[c].test, [c], 128)
+        test = load_records(records.test, [c], 128)
         for m in a.models.split(","):
             rows += [{"class": c, **r} for r in curve(m, splits, test, checkpoints, a.batch)]
             print(table(rows[-len(checkpoints):], "{:.3f}"), flush=True)

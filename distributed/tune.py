@@ -30,12 +30,16 @@ from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_ar
 DEFAULT_MODELS = tuple(model_names())  # every registered model
 
 
-DEMO_TRIALS = 2
-# Trained members are starved by a handful of epochs: on the surfaces family HVQ-Trans went from
-# 0.78 to 0.90 test image AUROC between 3 and 25-50 epochs (python -m bench.epochs). The demo
-# keeps 3 to stay within minutes.
-EPOCHS, DEMO_EPOCHS = 20, 3
-GRACE_EPOCHS, DEMO_GRACE_EPOCHS = 3, 1
+# Search defaults as (usual, offline demo). Trained members are starved by a handful
+# of epochs: on the surfaces family HVQ-Trans went from 0.78 to 0.90 test image AUROC between 3
+# and 25-50 epochs (python -m bench.epochs). The demo trains inside each trial (no Train worker
+# group to start per trial), fewer and shorter trials, to stay within a few minutes on a laptop.
+SEARCH_DEFAULTS = {"trials": (3, 2), "epochs": (20, 3), "grace_epochs": (3, 1), "workers": (1, 0)}
+
+
+def default_help(option: str) -> str:
+    usual, demo = SEARCH_DEFAULTS[option]
+    return f"default: {usual}; the demo: {demo}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -47,12 +51,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--preset", default="fast", help="model preset the search starts from: fast or paper")
     g.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
                    help="fix a model config field, e.g. --set hvq_trans.num_heads=8 (repeatable)")
-    g.add_argument("--trials", type=int, default=None, help=f"trials per study (default: 3; the demo: {DEMO_TRIALS})")
+    g.add_argument("--trials", type=int, default=None, help=f"trials per study ({default_help('trials')})")
     g.add_argument("--epochs", type=int, default=None,
-                   help=f"maximum epochs per trial, ASHA stops bad ones earlier (default: {EPOCHS}; the demo: {DEMO_EPOCHS})")
+                   help=f"maximum epochs per trial, ASHA stops bad ones earlier ({default_help('epochs')})")
     g.add_argument("--grace-epochs", type=int, default=None,
-                   help=f"epochs every trial gets before ASHA may stop it (default: {GRACE_EPOCHS}; "
-                        f"the demo: {DEMO_GRACE_EPOCHS})")
+                   help=f"epochs every trial gets before ASHA may stop it ({default_help('grace_epochs')})")
     g.add_argument("--search", choices=("tpe", "random"), default="tpe",
                    help="tpe: Optuna TPE + ASHA early stopping; random: random sampling of the same space, "
                         "every trial trained to the end (a baseline)")
@@ -68,17 +71,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_cluster_args(p)
     p.set_defaults(workers=None)
     args = p.parse_args(argv)
-    # the offline demo trains inside each trial (no Train worker group to start per trial) and runs
-    # fewer trials, to stay within a few minutes on a laptop; an explicit option still wins
     demo = args.dataset == "synthetic" and args.root is None
-    if args.trials is None:
-        args.trials = DEMO_TRIALS if demo else 3
-    if args.epochs is None:
-        args.epochs = DEMO_EPOCHS if demo else EPOCHS
-    if args.grace_epochs is None:
-        args.grace_epochs = DEMO_GRACE_EPOCHS if demo else GRACE_EPOCHS
-    if args.workers is None:
-        args.workers = 0 if demo else 1
+    for option, (usual, demo_value) in SEARCH_DEFAULTS.items():  # an explicit option still wins
+        if getattr(args, option) is None:
+            setattr(args, option, demo_value if demo else usual)
     return args
 
 
