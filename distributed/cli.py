@@ -4,6 +4,7 @@ starts, the Ray connection, resource arithmetic and the run folder."""
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -42,8 +43,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("cluster")
     g.add_argument("--workers", type=int, default=1,
-                   help="Ray Train workers per run (DDP when > 1; 0 trains inside the trial process; "
-                        "default 1, the offline demo of distributed.tune: 0)")
+                   help="workers per training run: 1 (default) trains inside the Tune trial's own process; "
+                        "more start a Ray Train DDP worker group per run")
     g.add_argument("--cpus-per-worker", type=float, default=None,
                    help="CPUs per Train worker (default: 1, or 0.9 on a machine with at most 2 CPUs)")
     g.add_argument("--gpus-per-worker", type=float, default=None,
@@ -142,8 +143,8 @@ def prepare_run(args, models: list[str]) -> RunContext:
     unknown = [m for m in models if m not in model_names()]
     if unknown:
         raise CliError(f"unknown model(s) {unknown}; choose from {model_names()}")
-    if args.workers < 0:
-        raise CliError(f"--workers must be >= 0, got {args.workers}")
+    if args.workers < 1:
+        raise CliError(f"--workers must be >= 1, got {args.workers} (1 trains inside the trial process)")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise CliError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     check_address(args.address)
@@ -196,29 +197,37 @@ def fill_resources(ctx: RunContext) -> None:
         ctx.gpus_per_worker = 1.0 if gpus >= 1 else 0.0
     if ctx.cpus_per_worker is None:
         ctx.cpus_per_worker = 1.0 if cpus > 2 else 0.9
-    workers = max(ctx.workers, 1)
-    per_trial_cpu = DRIVER_CPU + (ctx.workers * ctx.cpus_per_worker if ctx.workers else 0.9)
+    per_trial_cpu = trial_cpus(ctx)
+    per_trial_gpu = ctx.workers * ctx.gpus_per_worker
     fits = math.floor(cpus / per_trial_cpu + 1e-9)
-    if ctx.gpus_per_worker > 0:
-        fits = min(fits, math.floor(gpus / (workers * ctx.gpus_per_worker) + 1e-9))
+    if per_trial_gpu > 0:
+        fits = min(fits, math.floor(gpus / per_trial_gpu + 1e-9))
     if fits < 1:
-        raise CliError(f"one run needs {per_trial_cpu:g} CPUs and {workers * ctx.gpus_per_worker:g} GPUs "
+        raise CliError(f"one run needs {per_trial_cpu:g} CPUs and {per_trial_gpu:g} GPUs "
                        f"({ctx.workers} worker(s)), but the cluster has at most {cpus:g} CPUs and {gpus:g} GPUs: "
                        "lower --workers, --cpus-per-worker or --gpus-per-worker")
     ctx.max_concurrent = min(ctx.max_concurrent or fits, fits)
 
 
-def trial_resources(ctx: RunContext, model: str) -> dict[str, float]:
-    """What the Tune trial itself holds: a driver fraction, or the whole compute when the run
-    happens inside the trial (``--workers 0``, or a model that is fitted, not trained)."""
+def trial_cpus(ctx: RunContext) -> float:
+    """CPUs of one trial with Train workers: its own process drives them with a fraction."""
+    return ctx.cpus_per_worker if ctx.workers <= 1 else DRIVER_CPU + ctx.workers * ctx.cpus_per_worker
+
+
+def trial_placement(ctx: RunContext, config: dict[str, Any]):
+    """What a Tune trial of ``config["model"]`` holds: the whole compute when the run happens
+    inside the trial (one worker, or a model that is fitted, not trained), else a driver
+    fraction beside the Train workers' own placement group."""
+    from ray import tune
+
     from distributed.train import model_trains
 
-    if ctx.workers == 0 or not model_trains(model):
-        res = {"CPU": 0.9 + DRIVER_CPU}
+    if ctx.workers <= 1 or not model_trains(config["model"]):
+        bundle = {"CPU": ctx.cpus_per_worker}
         if ctx.gpus_per_worker:
-            res["GPU"] = ctx.gpus_per_worker
-        return res
-    return {"CPU": DRIVER_CPU}
+            bundle["GPU"] = ctx.gpus_per_worker
+        return tune.PlacementGroupFactory([bundle])
+    return tune.PlacementGroupFactory([{"CPU": DRIVER_CPU}])
 
 
 def write_json(path: Path, data) -> None:
@@ -233,18 +242,20 @@ def run_grid(ctx: RunContext, base, groups: list[list[str]]) -> str:
 
     from distributed.train import METRIC, MODE, tune_trial
     from distributed.results import collect_best, format_table
+    from ensembles.build import group_key
 
     start_ray(ctx)
     fill_resources(ctx)
     write_json(ctx.run_dir / "config.json", {"command": "train", "job": base.to_dict(), "groups": groups,
                                              "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
+    bases = {group_key(g): {**base.to_dict(), "classes": g} for g in groups}
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, base=base.to_dict(), storage=str(ctx.run_dir / "train"),
-                             resources=ctx.resources()), trial_resources(ctx, base.model))
-    tuner = tune.Tuner(trainable, param_space={"classes": tune.grid_search(groups)},
+        tune.with_parameters(tune_trial, bases=bases, storage=str(ctx.run_dir / "train"), resources=ctx.resources()),
+        functools.partial(trial_placement, ctx))
+    tuner = tune.Tuner(trainable, param_space={"study": tune.grid_search(list(bases)), "model": base.model},
                        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, max_concurrent_trials=ctx.max_concurrent),
                        run_config=tune.RunConfig(name="train", storage_path=str(ctx.run_dir / "tune"),
                                                  failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
-    best = collect_best(grid, ctx.run_dir, base.model)
+    best = collect_best(grid, ctx.run_dir, base.model, {k: b["classes"] for k, b in bases.items()})
     return format_table(best)

@@ -130,12 +130,16 @@ def best_result(results, default_point: dict | None = None):
     return best[1]
 
 
-def collect_best(grid, run_dir: Path, model: str) -> list[dict]:
-    """For a grid over class groups: write the trial table and export each group's checkpoint."""
-    write_trials(trial_rows(grid, model), run_dir / "trials.csv")
+def collect_best(grid, run_dir: Path, model: str, groups: dict[str, list[str]]) -> list[dict]:
+    """For a grid over class groups (``groups``: study key -> classes): write the trial table and
+    export each group's checkpoint."""
+    rows = trial_rows(grid, model)
+    for row, result in zip(rows, grid):
+        row["classes"] = group_key(groups[result.config["study"]])
+    write_trials(rows, run_dir / "trials.csv")
     infos = []
     for result in grid:
-        info = export_best(result, run_dir, model, result.config["classes"])
+        info = export_best(result, run_dir, model, groups[result.config["study"]])
         if info is not None:
             infos.append(info)
     return update_best_index(run_dir, infos)

@@ -38,6 +38,7 @@ MODE = "max"
 CHECKPOINT_MODEL = "model.pt"
 CHECKPOINT_STATE = "state.pt"
 DIVERGED_FILE = "DIVERGED"
+PLACEMENT_GROUP_KEY = "placement_group"  # reported by Ray Train workers: their worker group's
 
 
 @dataclass
@@ -154,6 +155,8 @@ class TrainSession:
             self._report, self._checkpoint_cls = ray.train.report, ray.train.Checkpoint
             self._get_checkpoint = ray.train.get_checkpoint
         self.node = ray.get_runtime_context().get_node_id()
+        # the worker group's placement group (None inside a trial): the driver removes it when the trial ends
+        self.placement_group = None if in_tune_trial else ray.get_runtime_context().get_placement_group_id()
 
     def checkpoint(self):
         return self._get_checkpoint()
@@ -173,6 +176,8 @@ class TrainSession:
         """Every rank reports; rank 0 attaches the checkpoint that ``write_checkpoint(dir)`` fills."""
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
+            if self.placement_group:
+                metrics = {**metrics, PLACEMENT_GROUP_KEY: self.placement_group}
             if self.rank == 0:
                 write_checkpoint(Path(tmp))
                 checkpoint = self._checkpoint_cls.from_directory(tmp)
@@ -241,7 +246,8 @@ def train_worker(config: dict[str, Any]) -> None:
 
 @dataclass
 class Resources:
-    """How each training run is placed: ``workers == 0`` trains inside the trial process."""
+    """How each training run is placed: one worker trains inside the trial process, more are a
+    Ray Train DDP worker group."""
 
     workers: int = 1
     cpus_per_worker: float = 1.0
@@ -288,14 +294,20 @@ class TrialDiverged(RuntimeError):
     """The training loss became NaN/inf: the trial is reported as failed."""
 
 
-def tune_trial(config: dict[str, Any], base: dict[str, Any], storage: str, resources: dict[str, float]) -> None:
-    """A Ray Tune function trial that drives one Ray Train run and forwards its reports."""
+def tune_trial(config: dict[str, Any], bases: dict[str, dict[str, Any]], storage: str,
+               resources: dict[str, float]) -> None:
+    """A Ray Tune function trial: one training run of the study ``config["study"]``.
+
+    One worker trains inside the trial process: no worker group, so no placement group of its
+    own that could outlive a trial Tune kills (an ASHA stop). Several workers are a Ray Train
+    DDP run; its workers report their placement group, which the driver removes when the
+    trial ends (``distributed.monitor.PlacementGroupWatch``)."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    job = job_from_trial_config(base, config)
+    job = job_from_trial_config(bases[config["study"]], config)
     resources = Resources(**resources)
-    if resources.workers == 0 or not model_trains(job.model):  # no worker group to start
+    if resources.workers <= 1 or not model_trains(job.model):
         diverged = not train_loop(job, TrainSession(in_tune_trial=True))
     else:
         name = f"train-{tune.get_context().get_trial_id()}"  # stable: a retried trial resumes

@@ -4,17 +4,19 @@ With no arguments: a small offline demo on a local Ray instance (synthetic data 
 into ~/.cache/anomaly-ensemble, three models, a few trials each). On a cluster: ``--address
 auto``, a real ``--dataset``/``--root`` and a bigger ``--trials``/``--epochs``.
 
-Each study is Ray Tune with OptunaSearch (TPE, seeded; the paper's setting enqueued first) and
-ASHA over ``search_spaces/<model>.py``. The metric is ``val_score``: the mean of image AUROC and
-pixel AUROC on the validation set (held-out training normals + synthetic defects; never the
-test split). ``--study-scope class`` (default) runs one study per (model, class) and keeps one
-best model per class; ``unified`` runs one study per model that trains a single model on all
+Every study is searched in one Ray Tune run sharing the cluster: one Optuna TPE study (seeded;
+the paper's setting first) and one ASHA per study over ``search_spaces/<model>.py``
+(``distributed/studies.py``). The metric is ``val_score``: the mean of image AUROC and pixel
+AUROC on the validation set (held-out training normals + synthetic defects; never the test
+split). ``--study-scope class`` (default) runs one study per (model, class) and keeps one best
+model per class; ``unified`` runs one study per model that trains a single model on all
 classes together.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -25,16 +27,18 @@ from typing import Any
 
 from models import model_names
 from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, parse_overrides,
-                             prepare_run, split_list, start_ray, trial_resources, write_json)
+                             prepare_run, split_list, start_ray, trial_placement, write_json)
 
 DEFAULT_MODELS = tuple(model_names())  # every registered model
+SEARCH_NAME = "search"  # RUN/tune/search: the one Tune run of every study
+OPTUNA_FILE = "optuna.journal"  # each study's Optuna history (optuna.storages.JournalStorage)
 
 
 # Search defaults as (usual, offline demo). Trained members are starved by a handful
 # of epochs: on the surfaces family HVQ-Trans went from 0.78 to 0.90 test image AUROC between 3
-# and 25-50 epochs (python -m bench.epochs). The demo trains inside each trial (no Train worker
-# group to start per trial), fewer and shorter trials, to stay within a few minutes on a laptop.
-SEARCH_DEFAULTS = {"trials": (3, 2), "epochs": (20, 3), "grace_epochs": (3, 1), "workers": (1, 0)}
+# and 25-50 epochs (python -m bench.epochs). The demo runs fewer and shorter trials, to stay
+# within a few minutes on a laptop.
+SEARCH_DEFAULTS = {"trials": (3, 2), "epochs": (20, 3), "grace_epochs": (3, 1)}
 
 
 def default_help(option: str) -> str:
@@ -60,16 +64,22 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tpe: Optuna TPE + ASHA early stopping; random: random sampling of the same space, "
                         "every trial trained to the end (a baseline)")
     g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--time-budget", type=float, default=None,
-                   help="seconds for the whole search, shared among the studies not yet run")
+    g.add_argument("--max-concurrent-per-study", type=int, default=None,
+                   help="trials of one study running at once (default: its TPE random start-up trials, "
+                        "min(10, max(3, trials // 3)); TPE learns only from finished trials)")
+    g.add_argument("--time-budget", type=float, default=None, help="seconds for the whole search")
     g.add_argument("--study-scope", choices=("class", "unified"), default="class",
                    help="one study per (model, class), or one per model training on all classes")
     g.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
                    help="continue an interrupted run: finished studies and trials are kept; the run's "
                         "recorded options are used (only --address may be given anew)")
     g.add_argument("--no-ensemble", action="store_true", help="stop after the search (no ensemble, no test)")
+    g.add_argument("--stall-timeout", type=float, default=300.0, metavar="SECONDS",
+                   help="when no trial has started for this long while trials wait, look for orphaned "
+                        "placement groups and remove them; stop with an error if that does not help")
+    g.add_argument("--tune-verbose", type=int, choices=(0, 1, 2, 3), default=0,
+                   help="Ray Tune's own console output (default 0: one progress line per study instead)")
     add_cluster_args(p)
-    p.set_defaults(workers=None)
     args = p.parse_args(argv)
     demo = args.dataset == "synthetic" and args.root is None
     for option, (usual, demo_value) in SEARCH_DEFAULTS.items():  # an explicit option still wins
@@ -120,54 +130,60 @@ def study_name(model: str, classes: list[str]) -> str:
     return f"{model}-{group_key(classes)}"
 
 
-def run_study(ctx: RunContext, args, model: str, classes: list[str], overrides: dict[str, Any],
-              time_budget: float | None):
-    """One Tune study; restored when an interrupted one is found in the run folder."""
-    from ray import tune
-    import optuna
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
+def search_studies(ctx: RunContext, scope: str) -> list["Study"]:
+    from distributed.studies import Study
 
+    return [Study(study_name(m, c), m, tuple(c)) for m, c in studies(ctx, scope)]
+
+
+def run_search(ctx: RunContext, args, todo: list, overrides: dict[str, dict[str, Any]]):
+    """Every study as trials of one Tune run (restored when an interrupted one is found)."""
+    import optuna
+    from ray import tune
+
+    from distributed.monitor import run_callbacks
+    from distributed.studies import SearchOptions, make_search
     from distributed.train import METRIC, MODE, TrainJob, tune_trial
     from search_spaces import base_config, get_space
 
-    base = TrainJob(model=model, dataset=ctx.dataset, root=str(ctx.root), classes=classes, preset=args.preset,
-                    model_config=overrides, epochs=args.epochs, batch_size=args.batch_size, seed=args.seed,
-                    skip_bad_images=args.skip_bad_images)
+    bases = {s.key: TrainJob(model=s.model, dataset=ctx.dataset, root=str(ctx.root), classes=list(s.classes),
+                             preset=args.preset, model_config=overrides[s.model], epochs=args.epochs,
+                             batch_size=args.batch_size, seed=args.seed,
+                             skip_bad_images=args.skip_bad_images).to_dict() for s in todo}
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, base=base.to_dict(), storage=str(ctx.run_dir / "train"),
-                             resources=ctx.resources()), trial_resources(ctx, model))
-    name = study_name(model, classes)
-    path = ctx.run_dir / "tune" / name
+        tune.with_parameters(tune_trial, bases=bases, storage=str(ctx.run_dir / "train"), resources=ctx.resources()),
+        functools.partial(trial_placement, ctx))
+    path = ctx.run_dir / "tune" / SEARCH_NAME
+    callbacks, stopper = run_callbacks(ctx, todo, args)
+    if args.tune_verbose == 0:
+        os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's new console output prints a banner even when silent
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
     if tune.Tuner.can_restore(str(path)):
-        print(f"[tune] resuming study {name}: finished trials are kept", flush=True)
+        print("[tune] resuming the search: finished trials are kept", flush=True)
         tuner = tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=False)
+        run_config = tuner._local_tuner.get_run_config()  # noqa: SLF001 -- restore would keep the pickled ones
+        run_config.callbacks, run_config.stop = callbacks, stopper
     else:
-        space, points = get_space(model, base_config(model, args.preset, overrides))
-        if getattr(args, "search", "tpe") == "random":
-            searcher = OptunaSearch(space=space, metric=METRIC, mode=MODE, points_to_evaluate=points,
-                                    sampler=optuna.samplers.RandomSampler(seed=args.seed))
-            scheduler = FIFOScheduler()
-        else:
-            # TPE's default 10 random start-up trials would be most of a small budget
-            sampler = optuna.samplers.TPESampler(seed=args.seed, n_startup_trials=min(10, max(3, args.trials // 3)))
-            searcher = OptunaSearch(space=space, metric=METRIC, mode=MODE, points_to_evaluate=points, sampler=sampler)
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max(args.epochs, 1),
-                                      grace_period=max(1, min(args.grace_epochs, args.epochs)), reduction_factor=2)
+        options = SearchOptions(trials=args.trials, epochs=args.epochs, grace_epochs=args.grace_epochs,
+                                search=args.search, seed=args.seed,
+                                max_concurrent_per_study=args.max_concurrent_per_study,
+                                optuna_storage=str(ctx.run_dir / OPTUNA_FILE))
+        spaces = {s.key: get_space(s.model, base_config(s.model, args.preset, overrides[s.model])) for s in todo}
+        searcher, scheduler = make_search(todo, spaces, options, METRIC, MODE)
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=args.trials, max_concurrent_trials=ctx.max_concurrent,
-                                        time_budget_s=time_budget),
+                                        num_samples=searcher.total_trials, max_concurrent_trials=ctx.max_concurrent,
+                                        time_budget_s=args.time_budget),
             run_config=tune.RunConfig(
-                name=name, storage_path=str(ctx.run_dir / "tune"), verbose=1,
-                failure_config=tune.FailureConfig(max_failures=0),
-                # used by --workers 0 trials, whose checkpoints Tune stores (Train keeps its own)
+                name=SEARCH_NAME, storage_path=str(ctx.run_dir / "tune"), verbose=args.tune_verbose,
+                callbacks=callbacks, stop=stopper, failure_config=tune.FailureConfig(max_failures=0),
+                # trials that train in their own process hand their checkpoints to Tune
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
                                                         checkpoint_score_order=MODE)))
     with InterruptWatch() as watch:
         grid = tuner.fit()
-    return grid, watch.interrupted
+    return grid, watch.interrupted, stopper
 
 
 class InterruptWatch(logging.Handler):
@@ -198,23 +214,29 @@ def paper_setting(model: str, args, overrides: dict[str, Any]) -> dict[str, Any]
     return points[0] if points else {}
 
 
-def finish_study(ctx: RunContext, model: str, classes: list[str], grid, default_point: dict | None = None
-                 ) -> dict | None:
+def finish_studies(ctx: RunContext, todo: list, grid, args, overrides: dict, done: dict) -> None:
+    """Per study: its rows in trials.csv, its best checkpoint in best/, its entry in studies.json."""
     from distributed.results import best_result, export_best, trial_rows, update_best_index, write_trials
-    from ensembles.build import group_key
+    from distributed.studies import STUDY_KEY
 
-    rows = trial_rows(grid, model)
-    for row in rows:
-        row["classes"] = group_key(classes)
-    write_trials(rows, ctx.run_dir / "trials.csv")
-    info = export_best(best_result(grid, default_point), ctx.run_dir, model, classes,
-                       {"study": study_name(model, classes)})
-    update_best_index(ctx.run_dir, [info] if info else [])
-    failed = sum(r["status"] == "error" for r in rows)
-    if failed:
-        print(f"[tune] {study_name(model, classes)}: {failed} of {len(rows)} trial(s) failed "
-              "(see trials.csv, column error)", flush=True)
-    return info
+    results = [r for r in grid if r.config]
+    for study in todo:
+        mine = [r for r in results if r.config.get(STUDY_KEY) == study.key]
+        if not mine:
+            print(f"[tune] {study.key}: no trial ran (was --time-budget too short?)", flush=True)
+            continue
+        rows = trial_rows(mine, study.model)
+        write_trials(rows, ctx.run_dir / "trials.csv")
+        info = export_best(best_result(mine, paper_setting(study.model, args, overrides[study.model])),
+                           ctx.run_dir, study.model, list(study.classes), {"study": study.key})
+        update_best_index(ctx.run_dir, [info] if info else [])
+        failed = sum(r["status"] == "error" for r in rows)
+        if failed:
+            print(f"[tune] {study.key}: {failed} of {len(rows)} trial(s) failed (see trials.csv, column error)",
+                  flush=True)
+        done[study.key] = {"best": info["checkpoint"] if info else None, "trials": len(rows),
+                           "finished": time.time()}
+    write_json(ctx.run_dir / "studies.json", done)
 
 
 def load_done(run_dir: Path) -> dict[str, Any]:
@@ -231,6 +253,10 @@ def main(argv=None) -> int:
         models = split_list(args.models) or list(DEFAULT_MODELS)
         if args.trials < 1 or args.epochs < 1:
             raise CliError("--trials and --epochs must be >= 1")
+        if args.max_concurrent_per_study is not None and args.max_concurrent_per_study < 1:
+            raise CliError(f"--max-concurrent-per-study must be >= 1, got {args.max_concurrent_per_study}")
+        if args.stall_timeout <= 0:
+            raise CliError(f"--stall-timeout must be > 0 seconds, got {args.stall_timeout}")
         ctx = prepare_run(args, models)
         overrides = model_overrides(args.set, models, args.image_size)
         start_ray(ctx)
@@ -246,19 +272,17 @@ def main(argv=None) -> int:
     print(f"[tune] run folder {ctx.run_dir}; {len(ctx.classes)} class(es), models {models}, "
           f"{args.trials} trial(s) per study, up to {ctx.max_concurrent} at a time", flush=True)
     done = load_done(ctx.run_dir)
-    todo = [s for s in studies(ctx, args.study_scope) if study_name(*s) not in done]
-    for i, (model, classes) in enumerate(todo):
-        budget = None
-        if args.time_budget is not None:
-            budget = max(1.0, (args.time_budget - (time.time() - t0)) / (len(todo) - i))
-        grid, interrupted = run_study(ctx, args, model, classes, overrides[model], budget)
+    todo = [s for s in search_studies(ctx, args.study_scope) if s.key not in done]
+    if todo:
+        grid, interrupted, stopper = run_search(ctx, args, todo, overrides)
+        if stopper.failure:
+            print(f"error: {stopper.failure}", file=sys.stderr, flush=True)
+            return 1
         if interrupted:
-            print(f"[tune] interrupted during study {study_name(model, classes)}; continue with "
-                  f"python -m distributed.tune --resume {ctx.run_dir}", file=sys.stderr, flush=True)
+            print(f"[tune] interrupted; continue with python -m distributed.tune --resume {ctx.run_dir}",
+                  file=sys.stderr, flush=True)
             return 130
-        info = finish_study(ctx, model, classes, grid, paper_setting(model, args, overrides[model]))
-        done[study_name(model, classes)] = {"best": info["checkpoint"] if info else None, "finished": time.time()}
-        write_json(ctx.run_dir / "studies.json", done)
+        finish_studies(ctx, todo, grid, args, overrides, done)
     index = json.loads((ctx.run_dir / "best.json").read_text()) if (ctx.run_dir / "best.json").exists() else []
     index = [i for i in index if i["model"] in ctx.models and set(i["classes"]) <= set(ctx.classes)]
     print("\nBest validation scores (validation = held-out normals + synthetic defects):")

@@ -1,0 +1,234 @@
+"""Many studies in one Ray Tune run: a searcher and a scheduler partitioned by study.
+
+A study is one (model, classes) search. Every trial carries its study key in
+``config["study"]``. ``StudySearcher`` keeps one searcher per study (an Optuna TPE study each, so
+the results of one class never shape the samples of another) and decides which study gets a
+free slot; ``StudyScheduler`` keeps one early-stopping scheduler per study (ASHA compares a
+trial only with trials of its own study). Ray ships neither: both wrap Ray's own per study.
+
+Slot order: the study with the fewest trials started so far gets the next slot, ties in the
+order the studies were given (models, then classes). Each study's first trial is its paper
+point, so every study evaluates the paper's setting before any study gets a second trial. A
+study has at most ``max_concurrent_per_study`` trials running or pending: TPE needs finished
+trials to learn from.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+logger = logging.getLogger(__name__)
+STUDY_KEY = "study"
+
+
+@dataclass(frozen=True)
+class Study:
+    key: str
+    model: str
+    classes: tuple[str, ...]
+
+    def tags(self) -> dict[str, Any]:
+        """What every trial config of this study carries besides its sampled values."""
+        return {STUDY_KEY: self.key, "model": self.model, "classes": list(self.classes)}
+
+
+def study_of(config: dict[str, Any]) -> str:
+    return config[STUDY_KEY]
+
+
+@dataclass
+class StudyCounts:
+    started: int = 0
+    live: set[str] = field(default_factory=set)
+
+
+class StudySearcher(Searcher):
+    """Dispatches ``suggest`` and results to one searcher per study."""
+
+    def __init__(self, studies: list[Study], searchers: dict[str, Searcher], trials_per_study: int,
+                 max_concurrent_per_study: int, metric: str, mode: str):
+        super().__init__(metric=metric, mode=mode)
+        missing = [s.key for s in studies if s.key not in searchers]
+        if missing:
+            raise ValueError(f"no searcher for studies {missing}")
+        self.studies = list(studies)
+        self.searchers = searchers
+        self.trials_per_study = trials_per_study
+        self.max_concurrent_per_study = max(1, max_concurrent_per_study)
+        self.counts = {s.key: StudyCounts() for s in studies}
+        self.trial_study: dict[str, str] = {}
+
+    @property
+    def total_trials(self) -> int:
+        return self.trials_per_study * len(self.studies)
+
+    def open_studies(self) -> list[Study]:
+        """Studies that may start a trial now, in slot order."""
+        ready = [s for s in self.studies if self.counts[s.key].started < self.trials_per_study
+                 and len(self.counts[s.key].live) < self.max_concurrent_per_study]
+        order = {s.key: i for i, s in enumerate(self.studies)}
+        return sorted(ready, key=lambda s: (self.counts[s.key].started, order[s.key]))
+
+    def is_finished(self) -> bool:
+        return all(c.started >= self.trials_per_study for c in self.counts.values())
+
+    def set_search_properties(self, metric, mode, config, **spec) -> bool:
+        self._metric, self._mode = metric or self._metric, mode or self._mode
+        return True
+
+    def suggest(self, trial_id: str):
+        if self.is_finished():
+            return Searcher.FINISHED
+        for study in self.open_studies():
+            config = self.searchers[study.key].suggest(trial_id)
+            if config is None or config == Searcher.FINISHED:
+                continue
+            counts = self.counts[study.key]
+            counts.started += 1
+            counts.live.add(trial_id)
+            self.trial_study[trial_id] = study.key
+            return {**config, **study.tags()}
+        return None  # every open study is at its cap: wait for a trial to end
+
+    def on_trial_result(self, trial_id: str, result: dict) -> None:
+        key = self.trial_study.get(trial_id)
+        if key is not None:
+            self.searchers[key].on_trial_result(trial_id, result)
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        key = self.trial_study.get(trial_id)
+        if key is None:
+            return
+        self.counts[key].live.discard(trial_id)
+        self.searchers[key].on_trial_complete(trial_id, result=result, error=error)
+
+    def save(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "wb") as f:
+            pickle.dump(self.__dict__, f)
+
+    def restore(self, checkpoint_path: str) -> None:
+        with open(checkpoint_path, "rb") as f:
+            self.__dict__.update(pickle.load(f))
+
+
+class StudyScheduler(FIFOScheduler):
+    """One early-stopping scheduler per study, made on first sight of the study by
+    ``make_scheduler()``. Pending trials start in the order the searcher created them.
+
+    Tune does not save a scheduler: on restore, each finished trial is replayed into its
+    study's scheduler from the results it recorded (``result.json``), which rebuilds the rungs."""
+
+    def __init__(self, make_scheduler: Callable[[], TrialScheduler]):
+        super().__init__()
+        self.make_scheduler = make_scheduler
+        self.schedulers: dict[str, TrialScheduler] = {}
+
+    def scheduler_of(self, trial) -> TrialScheduler:
+        key = study_of(trial.config)
+        if key not in self.schedulers:
+            self.schedulers[key] = self.make_scheduler()
+        return self.schedulers[key]
+
+    def set_search_properties(self, metric, mode, **spec) -> bool:
+        self._metric, self._mode = metric, mode
+        return True
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        scheduler = self.scheduler_of(trial)
+        scheduler.on_trial_add(tune_controller, trial)
+        if trial.status == Trial.TERMINATED:  # restored from an interrupted run
+            history = recorded_results(trial)
+            for result in history:
+                scheduler.on_trial_result(tune_controller, trial, result)
+            scheduler.on_trial_complete(tune_controller, trial, history[-1] if history else {})
+
+    def on_trial_result(self, tune_controller, trial, result) -> str:
+        return self.scheduler_of(trial).on_trial_result(tune_controller, trial, result)
+
+    def on_trial_complete(self, tune_controller, trial, result) -> None:
+        self.scheduler_of(trial).on_trial_complete(tune_controller, trial, result)
+
+    def on_trial_error(self, tune_controller, trial) -> None:
+        self.scheduler_of(trial).on_trial_error(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller, trial) -> None:
+        self.scheduler_of(trial).on_trial_remove(tune_controller, trial)
+
+    def debug_string(self) -> str:
+        return f"one scheduler per study ({len(self.schedulers)} studies)"
+
+
+def recorded_results(trial) -> list[dict]:
+    """The results a trial reported, from its ``result.json`` (one JSON object per line)."""
+    for folder in (getattr(trial, "local_path", None), getattr(trial, "path", None)):
+        path = Path(folder) / "result.json" if folder else None
+        if path is not None and path.is_file():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            return [json.loads(ln) for ln in lines]
+    return [trial.last_result] if trial.last_result else []
+
+
+# ----- the search the CLI and bench/cluster.py run -----------------------------------------
+@dataclass
+class SearchOptions:
+    trials: int
+    epochs: int
+    grace_epochs: int
+    search: str = "tpe"
+    seed: int = 0
+    max_concurrent_per_study: int | None = None
+    optuna_storage: str | None = None  # a journal file: each study's Optuna history
+
+    def startup_trials(self) -> int:
+        # TPE's default 10 random start-up trials would be most of a small budget
+        return min(10, max(3, self.trials // 3))
+
+    def per_study_cap(self) -> int:
+        """Default cap: the random start-up trials may all run at once, later ones learn from them."""
+        return max(1, min(self.trials, self.max_concurrent_per_study or self.startup_trials()))
+
+
+def optuna_storage(path: str | None):
+    if path is None:
+        return None
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def make_search(studies: list[Study], spaces: dict[str, tuple[Callable, list[dict]]], options: SearchOptions,
+                metric: str, mode: str) -> tuple[StudySearcher, TrialScheduler]:
+    """The partitioned searcher and scheduler for ``studies``; ``spaces[key]`` is the study's
+    define-by-run space and its points to evaluate first."""
+    import optuna
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    storage = optuna_storage(options.optuna_storage)
+    searchers = {}
+    for study in studies:
+        space, points = spaces[study.key]
+        if options.search == "random":
+            sampler = optuna.samplers.RandomSampler(seed=options.seed)
+        else:
+            sampler = optuna.samplers.TPESampler(seed=options.seed, n_startup_trials=options.startup_trials())
+        searchers[study.key] = OptunaSearch(space=space, metric=metric, mode=mode, points_to_evaluate=points,
+                                            sampler=sampler, study_name=study.key, storage=storage)
+    searcher = StudySearcher(studies, searchers, options.trials, options.per_study_cap(), metric, mode)
+    if options.search == "random":
+        return searcher, FIFOScheduler()
+    asha = functools.partial(ASHAScheduler, metric=metric, mode=mode, time_attr="training_iteration",
+                             max_t=max(options.epochs, 1), reduction_factor=2,
+                             grace_period=max(1, min(options.grace_epochs, options.epochs)))
+    return searcher, StudyScheduler(asha)
