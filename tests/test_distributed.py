@@ -52,22 +52,44 @@ def test_tune_on_two_nodes_then_ensemble_evaluate_and_query(tmp_path, synthetic_
     from anomaly_data import read_mvtec
 
     run = tmp_path / "run"
-    rc = tune_main(["--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "washer",
-                    "--models", "hvq_trans,transformaly", "--trials", "2", "--epochs", "1", "--workers", "1",
+    rc = tune_main(["--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "washer,pill",
+                    "--models", "hvq_trans,transformaly", "--trials", "2", "--epochs", "2", "--grace-epochs", "1",
                     "--address", two_node_cluster.address, "--run-dir", str(run), *SMALL])
     assert rc == 0
     trials = pd.read_csv(run / "trials.csv")
-    assert len(trials) == 4 and (trials["status"] == "ok").all()
+    assert len(trials) == 8 and (trials["status"] == "ok").all()
     assert trials["node"].nunique() == 2                       # trials landed on both nodes
+    by_study = trials.groupby(["model", "classes"])
+    assert by_study.size().to_dict() == {(m, c): 2 for m in ("hvq_trans", "transformaly") for c in ("pill", "washer")}
+    studies_per_node = trials.assign(study=trials["model"] + "-" + trials["classes"]).groupby("node")["study"]
+    assert studies_per_node.nunique().min() >= 2               # one pool: each node ran trials of several studies
+    # one Tune run: every trial in RUN/tune/search, each study's own Optuna history in the journal
+    assert len(list((run / "tune" / "search").glob("*/result.json"))) == 8
+    import optuna
+
+    journal = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(run / "optuna.journal")))
+    assert sorted(s.study_name for s in optuna.get_all_study_summaries(journal)) == sorted(
+        f"{m}-{c}" for m in ("hvq_trans", "transformaly") for c in ("pill", "washer"))
+    for (model, classes), rows in by_study:
+        history = optuna.load_study(study_name=f"{model}-{classes}", storage=journal).trials
+        assert len(history) == 2 and {t.state.name for t in history} == {"COMPLETE"}
+        # a trial ASHA stopped after one epoch scored below its own study's other trial there
+        if rows["epoch"].min() < rows["epoch"].max():
+            stopped, kept = rows.sort_values("epoch").iloc[0], rows.sort_values("epoch").iloc[-1]
+            first = [json.loads(ln) for ln in (run / "tune" / "search").glob(f"*{kept.trial_id}*/result.json")
+                     .__next__().read_text().splitlines()][0]
+            assert stopped["val_score"] <= first["val_score"]
+    assert json.loads((run / "progress.json").read_text())["longest_trial_wait_s"] < 120
     for model in ("hvq_trans", "transformaly"):
         info = json.loads((run / "best" / model / "washer" / "best.json").read_text())
         assert (run / "best" / model / "washer" / "model.pt").is_file()
-        assert info["metrics"]["val_score"] == trials[trials.model == model]["best_val_score"].max()
+        scores = trials[(trials.model == model) & (trials.classes == "washer")]["best_val_score"]
+        assert info["metrics"]["val_score"] in set(scores) and info["metrics"]["val_score"] >= scores.max() - 0.01
     results = pd.read_csv(run / "results.csv")
     assert {"class", "member", "image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max"} <= set(results)
     # members, the chosen ensemble, and the ablation that fuses every member whatever was chosen
     assert set(results["member"]) == {"hvq_trans", "transformaly", "ensemble", "fused:hvq_trans+transformaly"}
-    assert set(results["class"]) == {"washer", "mean"}
+    assert set(results["class"]) == {"washer", "pill", "mean"}
     assert results[["image_auroc", "pixel_auroc", "aupro"]].notna().all().all()
     assert "ground-truth resolution" in (run / "results.md").read_text()
     assert len(list((run / "overlays" / "washer").glob("*.png"))) >= 2
@@ -77,7 +99,7 @@ def test_tune_on_two_nodes_then_ensemble_evaluate_and_query(tmp_path, synthetic_
     ensemble = Ensemble.load(run / "ensemble", "cpu")
     _, outputs = score_class(ensemble, "washer", records)
     picked = [0, len(records) - 1]
-    out = run_cli(["-m", "ensembles.query", "--ensemble", str(run / "ensemble"), "--out", str(tmp_path / "maps"),
+    out = run_cli(["-m", "ensembles.query", "--ensemble", str(run / "ensemble"), "--class", "washer", "--out", str(tmp_path / "maps"),
                    *[str(records[i].path) for i in picked], str(tmp_path / "missing.png")])
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert out.returncode == 1 and "does not exist" in lines[-1]["error"]      # bad file named, rest scored
@@ -88,7 +110,7 @@ def test_tune_on_two_nodes_then_ensemble_evaluate_and_query(tmp_path, synthetic_
     # a saved ensemble reloads and scores identically
     again = Ensemble.load(run / "ensemble", "cpu")
     x = __import__("torch").rand(2, 3, 64, 64)
-    a, b = ensemble.predict(x), again.predict(x)
+    a, b = ensemble.predict(x, "washer"), again.predict(x, "washer")
     assert np.array_equal(a["scores"].numpy(), b["scores"].numpy()) and np.array_equal(a["maps"].numpy(), b["maps"].numpy())
 
 
@@ -126,7 +148,7 @@ def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, syntheti
 def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
     run = tmp_path / "run"
     args = ["-m", "distributed.tune", "--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "pill",
-            "--models", "hvq_trans", "--trials", "3", "--epochs", "1", "--workers", "0", "--max-concurrent", "1",
+            "--models", "hvq_trans", "--trials", "3", "--epochs", "1", "--max-concurrent", "1",
             "--no-ensemble", "--run-dir", str(run), "--image-size", "64"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
@@ -143,7 +165,8 @@ def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
     lines_before = first_done.read_text().count("\n")
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=120)
-    assert not (run / "trials.csv").exists()  # the study did not finish
+    assert not (run / "trials.csv").exists()  # the search did not finish
+    assert len(list((run / "tune").glob("search/*/result.json"))) < 3   # one Tune run for the whole search
 
     out = run_cli(["-m", "distributed.tune", "--resume", str(run)])
     assert out.returncode == 0, out.stderr[-3000:]
@@ -178,7 +201,8 @@ def test_cli_rejects_bad_input_before_ray_starts(tmp_path, synthetic_root):
 def test_help_documents_every_option():
     out = run_cli(["-m", "distributed.tune", "--help"])
     for option in ("--dataset", "--root", "--classes", "--models", "--trials", "--time-budget", "--max-concurrent",
-                   "--workers", "--gpus-per-worker", "--address", "--run-dir", "--seed", "--resume", "--no-ensemble"):
+                   "--workers", "--gpus-per-worker", "--address", "--run-dir", "--seed", "--resume", "--no-ensemble",
+                   "--max-concurrent-per-study", "--stall-timeout", "--tune-verbose"):
         assert option in out.stdout, option
     out = run_cli(["-m", "distributed.train", "--help"])
     for option in ("--model", "--dataset", "--root", "--classes", "--workers", "--address", "--unified"):
@@ -249,9 +273,9 @@ def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root,
     from distributed.train import tune_trial
 
     base = diverging_job(synthetic_root, 1e-3).to_dict()
-    trainable = tune.with_resources(tune.with_parameters(tune_trial, base=base, storage=str(tmp_path / "train"),
-                                                         resources={"workers": 0}), {"CPU": 1})
-    grid = tune.Tuner(trainable, param_space={"lr": tune.grid_search([1e30, 1e-3])},
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, bases={"s": base}, storage=str(tmp_path / "train"),
+                                                         resources={"workers": 1}), {"CPU": 1})
+    grid = tune.Tuner(trainable, param_space={"study": "s", "lr": tune.grid_search([1e30, 1e-3])},
                       tune_config=tune.TuneConfig(max_concurrent_trials=2),
                       run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"),
                                                 failure_config=tune.FailureConfig(max_failures=0))).fit()
