@@ -3,7 +3,7 @@
     python -m bench.search [--model hvq_trans] [--class brick] [--trials 8] [--epochs 4] [--seeds 0,1]
 
 Runs ``python -m distributed.tune`` on one synthetic class for each (search, seed), with the
-same number of trials and epochs (``--workers 0``: trials train in their own process), and
+same number of trials and epochs (one worker: trials train in their own process), and
 reads every reported epoch back from the Tune results: the best validation score reached as
 a function of wall time since the study started, and the total time and epochs spent.
 """
@@ -59,7 +59,7 @@ def main(argv=None) -> int:
         for search in ("tpe", "random"):
             run = work / f"{search}-{seed}"
             cmd = [sys.executable, "-m", "distributed.tune", "--classes", a.class_name, "--models", a.model,
-                   "--trials", str(a.trials), "--epochs", str(a.epochs), "--workers", "0", "--search", search,
+                   "--trials", str(a.trials), "--epochs", str(a.epochs), "--search", search,
                    "--seed", str(seed), "--no-ensemble", "--run-dir", str(run)]
             out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
             if out.returncode != 0:

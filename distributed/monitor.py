@@ -146,6 +146,7 @@ class WatchSettings:
     check_every_s: float = 5.0
     train_bundle: dict[str, float] | None = None  # one Train worker's bundle (DDP runs only)
     train_workers: int = 0
+    slots: int = 1  # trials that fit at once: only fewer running while others wait is a stall
     resume_command: str = ""
 
 
@@ -265,8 +266,8 @@ class PlacementGroupWatch(Callback, Stopper):
         pending = [t for t in trials if t.status == Trial.PENDING]
         running = [t for t in trials if t.status == Trial.RUNNING]
         waited = now - self.last_start
-        if not pending:
-            self.last_start = now  # nothing waits: the stall clock only runs while trials wait
+        if not pending or len(running) >= self.settings.slots:
+            self.last_start = now  # the stall clock runs only while trials wait for a free slot
             return
         if waited < min(self.settings.stall_s, self.settings.orphan_grace_s):
             return
@@ -321,6 +322,6 @@ def run_callbacks(ctx, todo: list, args) -> tuple[list[Callback], PlacementGroup
         bundle = {"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {})}
     watch = PlacementGroupWatch(WatchSettings(
         stall_s=args.stall_timeout, orphan_grace_s=min(60.0, args.stall_timeout / 2), train_bundle=bundle,
-        train_workers=ctx.workers, resume_command=f"python -m distributed.tune --resume {ctx.run_dir}"))
+        train_workers=ctx.workers, slots=ctx.max_concurrent, resume_command=f"python -m distributed.tune --resume {ctx.run_dir}"))
     progress = StudyProgress({s.key: args.trials for s in todo}, ctx.run_dir)
     return [progress, watch], watch

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import logging
 import pickle
 from dataclasses import dataclass, field
@@ -196,6 +197,13 @@ class SearchOptions:
     def per_study_cap(self) -> int:
         """Default cap: the random start-up trials may all run at once, later ones learn from them."""
         return max(1, min(self.trials, self.max_concurrent_per_study or self.startup_trials()))
+
+
+def live_trial_limit(slots: int, fixed_by_user: bool) -> int:
+    """Trials Tune keeps created at once: the slots plus a few ready to start the moment a slot
+    frees (else every slot idles through a suggest-and-schedule round after each trial), unless
+    the user fixed the number running (``--max-concurrent``)."""
+    return slots if fixed_by_user else slots + max(1, math.ceil(slots / 4))
 
 
 def optuna_storage(path: str | None):

@@ -142,7 +142,7 @@ def run_search(ctx: RunContext, args, todo: list, overrides: dict[str, dict[str,
     from ray import tune
 
     from distributed.monitor import run_callbacks
-    from distributed.studies import SearchOptions, make_search
+    from distributed.studies import SearchOptions, live_trial_limit, make_search
     from distributed.train import METRIC, MODE, TrainJob, tune_trial
     from search_spaces import base_config, get_space
 
@@ -173,8 +173,10 @@ def run_search(ctx: RunContext, args, todo: list, overrides: dict[str, dict[str,
         tuner = tune.Tuner(
             trainable,
             tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher, scheduler=scheduler,
-                                        num_samples=searcher.total_trials, max_concurrent_trials=ctx.max_concurrent,
-                                        time_budget_s=args.time_budget),
+                                        num_samples=searcher.total_trials,
+                                        max_concurrent_trials=live_trial_limit(ctx.max_concurrent,
+                                                                               args.max_concurrent is not None),
+                                        time_budget_s=args.time_budget, reuse_actors=True),
             run_config=tune.RunConfig(
                 name=SEARCH_NAME, storage_path=str(ctx.run_dir / "tune"), verbose=args.tune_verbose,
                 callbacks=callbacks, stop=stopper, failure_config=tune.FailureConfig(max_failures=0),

@@ -164,7 +164,7 @@ def fake_cluster(monkeypatch):
 
 def make_watch(stall=100.0, grace=30.0):
     settings = monitor.WatchSettings(stall_s=stall, orphan_grace_s=grace, check_every_s=1.0,
-                                     train_bundle={"CPU": 0.9}, train_workers=2, resume_command="RESUME")
+                                     train_bundle={"CPU": 0.9}, train_workers=2, slots=2, resume_command="RESUME")
     return monitor.PlacementGroupWatch(settings)
 
 
@@ -182,6 +182,7 @@ def test_watchdog_removes_orphaned_train_groups_only_when_trials_stall(fake_clus
                     monitor.GroupInfo("tune", [{"CPU": 0.1}], False)]             # a Tune trial's own group
     running, pending = watched(Trial.RUNNING), watched(Trial.PENDING)
     step(watch, state, [running], 500)                      # long epochs, nothing waits: never fires
+    step(watch, state, [running, running, pending], 500)    # every slot busy, one queued: never fires
     assert state.removed == [] and watch.failure is None
     step(watch, state, [running, pending], 99)
     assert state.removed == []                              # not yet stalled
