@@ -42,6 +42,9 @@ def config_ceiling(config: dict) -> float:
 def sleepy_trial(config: dict, epoch_seconds: dict[str, float], scale: float, epochs: int) -> None:
     from ray import tune
 
+    from distributed.studies import REUSE_WAIT_ENV, REUSE_WAIT_S
+
+    os.environ[REUSE_WAIT_ENV] = str(REUSE_WAIT_S)  # as distributed.tune's trials do
     ceiling = config_ceiling(config)
     cost = epoch_seconds[config["model"]] * scale
     for epoch in range(1, epochs + 1):
@@ -97,7 +100,7 @@ def fit(studies, a, storage: Path, clock: SlotClock, name: str, per_study_cap: i
     tune.Tuner(trainable, tune_config=tune.TuneConfig(
         metric="val_score", mode="max", search_alg=searcher, scheduler=scheduler,
         num_samples=searcher.total_trials, max_concurrent_trials=live_trial_limit(a.gpus, False),
-        reuse_actors=True),
+        reuse_actors=True),  # as distributed.tune's trials of one worker
         run_config=tune.RunConfig(name=name, storage_path=str(storage), verbose=0, callbacks=[clock.callback],
                                   checkpoint_config=tune.CheckpointConfig(checkpoint_frequency=0))).fit()
 

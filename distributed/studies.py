@@ -30,6 +30,11 @@ from ray.tune.search import Searcher
 
 logger = logging.getLogger(__name__)
 STUDY_KEY = "study"
+# Trials of one worker reuse their Tune actor (a new Ray worker process per trial cost half
+# the slot time in bench/cluster.py). To reuse it, Tune waits for the previous trial's thread,
+# which a stopped trial ends only at its next report, i.e. after its current epoch; Tune's 2 s
+# default would fail the next trial. Read by Tune inside this actor.
+REUSE_WAIT_ENV, REUSE_WAIT_S = "TUNE_FUNCTION_THREAD_TIMEOUT_S", 24 * 3600
 
 
 @dataclass(frozen=True)

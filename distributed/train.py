@@ -305,6 +305,9 @@ def tune_trial(config: dict[str, Any], bases: dict[str, dict[str, Any]], storage
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
+    from distributed.studies import REUSE_WAIT_ENV, REUSE_WAIT_S
+
+    os.environ[REUSE_WAIT_ENV] = str(REUSE_WAIT_S)
     job = job_from_trial_config(bases[config["study"]], config)
     resources = Resources(**resources)
     if resources.workers <= 1 or not model_trains(job.model):

@@ -176,7 +176,9 @@ def run_search(ctx: RunContext, args, todo: list, overrides: dict[str, dict[str,
                                         num_samples=searcher.total_trials,
                                         max_concurrent_trials=live_trial_limit(ctx.max_concurrent,
                                                                                args.max_concurrent is not None),
-                                        time_budget_s=args.time_budget, reuse_actors=True),
+                                        time_budget_s=args.time_budget,
+                                        # a DDP trial's thread outlives a stop (Train runs on): no reuse
+                                        reuse_actors=ctx.workers <= 1),
             run_config=tune.RunConfig(
                 name=SEARCH_NAME, storage_path=str(ctx.run_dir / "tune"), verbose=args.tune_verbose,
                 callbacks=callbacks, stop=stopper, failure_config=tune.FailureConfig(max_failures=0),
