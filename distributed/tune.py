@@ -291,6 +291,9 @@ def main(argv=None) -> int:
     index = [i for i in index if i["model"] in ctx.models and set(i["classes"]) <= set(ctx.classes)]
     print("\nBest validation scores (validation = held-out normals + synthetic defects):")
     print(format_table(index), flush=True)
+    if not index:
+        print("error: no trial of any study succeeded (see trials.csv, column error)", file=sys.stderr)
+        return 1
     if not args.no_ensemble:
         from anomaly_data import DatasetError
         from ensembles.build import build_and_evaluate

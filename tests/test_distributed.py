@@ -166,7 +166,7 @@ def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
     os.killpg(proc.pid, signal.SIGINT)
     proc.wait(timeout=120)
     assert not (run / "trials.csv").exists()  # the search did not finish
-    assert len(list((run / "tune").glob("search/*/result.json"))) < 3   # one Tune run for the whole search
+    assert [p.name for p in (run / "tune").iterdir()] == ["search"]   # one Tune run for the whole search
 
     out = run_cli(["-m", "distributed.tune", "--resume", str(run)])
     assert out.returncode == 0, out.stderr[-3000:]
