@@ -54,17 +54,20 @@ class StudyLine:
 
 class StudyProgress(Callback):
     """One line per study, refreshed in place on a terminal and printed as plain lines (every
-    ``every_s`` when something changed) in a log. Also measures how long trials waited to start,
-    written with the final lines to ``RUN/progress.json``."""
+    ``every_s`` when something changed) in a log. Also measures how long each trial waited to
+    start while a slot was free (fewer than ``slots`` running; a trial kept ready behind busy
+    slots is not waiting on anything), written with the final lines to ``RUN/progress.json``."""
 
-    def __init__(self, studies: dict[str, int], run_dir: Path, every_s: float = 60.0, stream=None):
+    def __init__(self, studies: dict[str, int], run_dir: Path, slots: int = 1, every_s: float = 60.0,
+                 stream=None):
         self.studies = studies  # study key -> trials it will run
         self.run_dir = Path(run_dir)
+        self.slots = slots
         self.every_s = every_s
         self.stream = stream
         self.best: dict[str, float] = {}
-        self.queued_at: dict[str, float] = {}
         self.waits: dict[str, float] = {}
+        self.last_step: float | None = None
         self.started = time.time()
         self.last_print = 0.0
         self.last_text = ""
@@ -83,15 +86,13 @@ class StudyProgress(Callback):
         if key is not None and value is not None and value == value:  # NaN: a diverged epoch
             self.best[key] = max(self.best.get(key, value), value)
 
-    def on_trial_start(self, iteration, trials, trial, **info):
-        now = time.time()
-        self.waits[trial.trial_id] = now - self.queued_at.get(trial.trial_id, now)
-
     def on_step_end(self, iteration, trials, **info):
         now = time.time()
-        for trial in trials:
-            if trial.status == Trial.PENDING:
-                self.queued_at.setdefault(trial.trial_id, now)
+        step, self.last_step = now - (self.last_step or now), now
+        if sum(t.status == Trial.RUNNING for t in trials) < self.slots:
+            for trial in trials:
+                if trial.status == Trial.PENDING:
+                    self.waits[trial.trial_id] = self.waits.get(trial.trial_id, 0.0) + step
         interactive = self.out.isatty()
         if now - self.last_print < (1.0 if interactive else self.every_s):
             return
@@ -323,5 +324,5 @@ def run_callbacks(ctx, todo: list, args) -> tuple[list[Callback], PlacementGroup
     watch = PlacementGroupWatch(WatchSettings(
         stall_s=args.stall_timeout, orphan_grace_s=min(60.0, args.stall_timeout / 2), train_bundle=bundle,
         train_workers=ctx.workers, slots=ctx.max_concurrent, resume_command=f"python -m distributed.tune --resume {ctx.run_dir}"))
-    progress = StudyProgress({s.key: args.trials for s in todo}, ctx.run_dir)
+    progress = StudyProgress({s.key: args.trials for s in todo}, ctx.run_dir, slots=ctx.max_concurrent)
     return [progress, watch], watch

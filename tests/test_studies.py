@@ -123,10 +123,9 @@ def progress_trial(trial_id, study, status, epochs=0):
 
 def test_progress_prints_one_line_per_study_and_only_changes_in_a_log(tmp_path):
     out = io.StringIO()
-    progress = monitor.StudyProgress({"m-a": 2, "m-b": 2}, tmp_path, every_s=0.0, stream=out)
+    progress = monitor.StudyProgress({"m-a": 2, "m-b": 2}, tmp_path, slots=2, every_s=0.0, stream=out)
     trials = [progress_trial("1", "m-a", Trial.RUNNING), progress_trial("2", "m-b", Trial.PENDING)]
     progress.on_step_end(0, trials)
-    progress.on_trial_start(0, trials, trials[1])
     progress.on_step_end(1, trials)                                   # nothing changed: no new block
     progress.on_trial_result(1, trials, trials[0], {"val_score": 0.8})
     trials[0].status, trials[0].last_result = Trial.TERMINATED, {"training_iteration": 3}
