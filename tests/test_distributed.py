@@ -148,7 +148,7 @@ def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, syntheti
 def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
     run = tmp_path / "run"
     args = ["-m", "distributed.tune", "--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "pill",
-            "--models", "hvq_trans", "--trials", "3", "--epochs", "1", "--max-concurrent", "1",
+            "--models", "hvq_trans", "--trials", "3", "--epochs", "4", "--max-concurrent", "1",
             "--no-ensemble", "--run-dir", str(run), "--image-size", "64"]
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
