@@ -163,11 +163,12 @@ def job_groups() -> list[GroupInfo]:
     import ray
     from ray.util.state import list_actors, list_placement_groups
 
-    job = ray.get_runtime_context().get_job_id()
-    groups = list_placement_groups(filters=[("state", "=", "CREATED")], detail=True, limit=10_000,
-                                   raise_on_missing_output=False)
-    live = {a.placement_group_id for a in list_actors(filters=[("state", "=", "ALIVE")], detail=True,
-                                                       limit=100_000, raise_on_missing_output=False)}
+    context = ray.get_runtime_context()
+    job, address = context.get_job_id(), context.gcs_address  # this run's cluster, even beside another
+    groups = list_placement_groups(address=address, filters=[("state", "=", "CREATED")], detail=True,
+                                   limit=10_000, raise_on_missing_output=False)
+    live = {a.placement_group_id for a in list_actors(address=address, filters=[("state", "=", "ALIVE")],
+                                                       detail=True, limit=10_000, raise_on_missing_output=False)}
     return [GroupInfo(g.placement_group_id, [b["unit_resources"] for b in g.bundles or []],
                       g.placement_group_id in live)
             for g in groups if g.creator_job_id == job]
@@ -215,6 +216,7 @@ class PlacementGroupWatch(Callback, Stopper):
         self.last_check = 0.0
         self.last_wait_note = 0.0
         self.failure: str | None = None
+        self.state_api_failed = False
 
     # -- tracking the groups reported by Train workers
     def on_trial_start(self, iteration, trials, trial, **info):
@@ -276,7 +278,8 @@ class PlacementGroupWatch(Callback, Stopper):
             orphans = self.orphans(now)
         except Exception as err:  # no State API (no dashboard): say so once, keep watching
             orphans = []
-            if not self.last_wait_note:
+            if not self.state_api_failed:
+                self.state_api_failed = True
                 log(f"watchdog: cannot list placement groups ({type(err).__name__}: {err})")
         if waited < self.settings.stall_s:
             return

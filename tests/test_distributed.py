@@ -282,3 +282,19 @@ def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root,
     rows = sorted(trial_rows(grid, "hvq_trans"), key=lambda r: r["config/lr"])
     assert rows[0]["status"] == "ok" and rows[0]["best_val_score"] > 0
     assert rows[1]["status"] == "error" and "TrialDiverged" in rows[1]["error"]
+
+
+def test_the_watchdog_lists_and_removes_a_real_orphaned_group(local_ray):
+    from ray.util import placement_group
+
+    from distributed.monitor import job_groups, remove_group
+
+    group = placement_group([{"CPU": 0.5}] * 2)
+    ray.get(group.ready(), timeout=60)
+    found = [g for g in job_groups() if g.id == group.id.hex()]
+    assert found and found[0].bundles == [{"CPU": 0.5}] * 2 and not found[0].has_live_actor
+    assert remove_group(group.id.hex())
+    deadline = time.time() + 30
+    while time.time() < deadline and any(g.id == group.id.hex() for g in job_groups()):
+        time.sleep(0.5)
+    assert not any(g.id == group.id.hex() for g in job_groups())
