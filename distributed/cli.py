@@ -220,9 +220,9 @@ def trial_placement(ctx: RunContext, config: dict[str, Any]):
     fraction beside the Train workers' own placement group."""
     from ray import tune
 
-    from distributed.train import model_trains
+    from distributed.train import trains_in_trial
 
-    if ctx.workers <= 1 or not model_trains(config["model"]):
+    if trains_in_trial(ctx.workers, config["model"]):
         bundle = {"CPU": ctx.cpus_per_worker}
         if ctx.gpus_per_worker:
             bundle["GPU"] = ctx.gpus_per_worker

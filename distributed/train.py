@@ -81,6 +81,11 @@ def model_trains(model: str) -> bool:
     return model_class(model).trains
 
 
+def trains_in_trial(workers: int, model: str) -> bool:
+    """One worker, or a model fitted in one pass: the run happens in the Tune trial's own process."""
+    return workers <= 1 or not model_trains(model)
+
+
 def model_config_fields(model: str) -> set[str]:
     from models import model_class
 
@@ -310,7 +315,7 @@ def tune_trial(config: dict[str, Any], bases: dict[str, dict[str, Any]], storage
     os.environ[REUSE_WAIT_ENV] = str(REUSE_WAIT_S)
     job = job_from_trial_config(bases[config["study"]], config)
     resources = Resources(**resources)
-    if resources.workers <= 1 or not model_trains(job.model):
+    if trains_in_trial(resources.workers, job.model):
         diverged = not train_loop(job, TrainSession(in_tune_trial=True))
     else:
         name = f"train-{tune.get_context().get_trial_id()}"  # stable: a retried trial resumes

@@ -118,22 +118,13 @@ def restore_args(argv) -> argparse.Namespace:
     return resumed
 
 
-def studies(ctx: RunContext, scope: str) -> list[tuple[str, list[str]]]:
-    if scope == "unified":
-        return [(m, ctx.classes) for m in ctx.models]
-    return [(m, [c]) for m in ctx.models for c in ctx.classes]
-
-
-def study_name(model: str, classes: list[str]) -> str:
+def search_studies(ctx: RunContext, scope: str) -> list["Study"]:
+    """One study per (model, class), or per model over all classes with ``unified``."""
+    from distributed.studies import Study
     from ensembles.build import group_key
 
-    return f"{model}-{group_key(classes)}"
-
-
-def search_studies(ctx: RunContext, scope: str) -> list["Study"]:
-    from distributed.studies import Study
-
-    return [Study(study_name(m, c), m, tuple(c)) for m, c in studies(ctx, scope)]
+    groups = [ctx.classes] if scope == "unified" else [[c] for c in ctx.classes]
+    return [Study(f"{m}-{group_key(g)}", m, tuple(g)) for m in ctx.models for g in groups]
 
 
 def run_search(ctx: RunContext, args, todo: list, overrides: dict[str, dict[str, Any]]):
@@ -192,7 +183,7 @@ def run_search(ctx: RunContext, args, todo: list, overrides: dict[str, dict[str,
 
 class InterruptWatch(logging.Handler):
     """Notices Tune's "Experiment has been interrupted" warning: on Ctrl-C ``Tuner.fit`` returns
-    normally, and only that warning tells an interrupted study from a finished one."""
+    normally, and only that warning tells an interrupted search from a finished one."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
