@@ -187,6 +187,9 @@ def test_cli_rejects_bad_input_before_ray_starts(tmp_path, synthetic_root):
         (["--dataset", "visa", "--root", str(tmp_path)], "is not a VisA root"),
         (["--dataset", "mvtec", "--root", str(synthetic_root), "--address", "127.0.0.1:1"], "cannot reach the Ray head"),
         (["--dataset", "mvtec", "--root", str(synthetic_root), "--workers", "5"], "lower --workers"),
+        (["--dataset", "mvtec", "--root", str(synthetic_root), "--workers", "0"], "--workers must be >= 1"),
+        (["--max-concurrent-per-study", "0"], "--max-concurrent-per-study must be >= 1"),
+        (["--stall-timeout", "0"], "--stall-timeout must be > 0"),
         (["--dataset", "mvtec", "--root", str(synthetic_root), "--run-dir", str(used)], "already holds a run"),
     ]
     for extra, message in cases:
