@@ -88,11 +88,11 @@ def fit(studies, a, storage: Path, clock: SlotClock, name: str, per_study_cap: i
     from ray import tune
 
     from distributed.studies import SearchOptions, live_trial_limit, make_search
-    from search_spaces import base_config, get_space
+    from distributed.spec import build_spec
 
     options = SearchOptions(trials=a.trials, epochs=a.epochs, grace_epochs=a.grace_epochs, seed=0,
                             max_concurrent_per_study=per_study_cap)
-    spaces = {s.key: get_space(s.model, base_config(s.model, "fast")) for s in studies}
+    spaces = {s.key: build_spec(s.key, s.model, s.classes, "fast", {}, n_train=100).space() for s in studies}
     searcher, scheduler = make_search(studies, spaces, options, "val_score", "max")
     trainable = tune.with_resources(
         tune.with_parameters(sleepy_trial, epoch_seconds=EPOCH_SECONDS, scale=a.scale, epochs=a.epochs),

@@ -56,20 +56,6 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/<timestamp>)")
 
 
-def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["halo=3", "layers=2-5"]`` -> ``{"halo": 3, "layers": "2-5"}`` (JSON values where they parse)."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise CliError(f"--set {item!r}: expected KEY=VALUE")
-        key, value = item.split("=", 1)
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
-
-
 def split_list(value: str | None) -> list[str] | None:
     if value is None:
         return None
@@ -97,7 +83,7 @@ def check_address(address: str | None) -> None:
         raise CliError(f"--address {address}: cannot reach the Ray head ({err}); is the cluster up?") from None
 
 
-def resolve_dataset(args) -> tuple[str, Path, list[str]]:
+def resolve_dataset(args) -> tuple[str, Path, dict]:
     """Dataset kind, root and classes, checked on disk (the synthetic demo data is made here)."""
     kind, root, classes = args.dataset, args.root, split_list(args.classes)
     if kind == "synthetic" and root is None:
@@ -113,7 +99,7 @@ def resolve_dataset(args) -> tuple[str, Path, list[str]]:
         found = read_dataset(kind, root, classes, seed=args.seed)
     except DatasetError as err:
         raise CliError(str(err)) from None
-    return kind, root, list(found)
+    return kind, root, found
 
 
 @dataclass
@@ -129,7 +115,8 @@ class RunContext:
     gpus_per_worker: float | None
     max_concurrent: int | None
     seed: int
-    extra: dict[str, Any] = field(default_factory=dict)
+    records: dict[str, Any] = field(default_factory=dict, repr=False)
+    """Per class, its ``anomaly_data.ClassRecords`` (paths only, nothing decoded)."""
 
     def resources(self) -> dict[str, float]:
         return {"workers": self.workers, "cpus_per_worker": self.cpus_per_worker,
@@ -148,7 +135,8 @@ def prepare_run(args, models: list[str]) -> RunContext:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise CliError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     check_address(args.address)
-    kind, root, classes = resolve_dataset(args)
+    kind, root, records = resolve_dataset(args)
+    classes = list(records)
     run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir).expanduser().resolve()
     if (run_dir / "config.json").exists() and getattr(args, "resume", None) is None:
@@ -156,7 +144,7 @@ def prepare_run(args, models: list[str]) -> RunContext:
                        "or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
     return RunContext(kind, root, classes, models, run_dir, args.address, args.workers, args.cpus_per_worker,
-                      args.gpus_per_worker, args.max_concurrent, args.seed)
+                      args.gpus_per_worker, args.max_concurrent, args.seed, records)
 
 
 def start_ray(ctx: RunContext) -> None:
@@ -236,26 +224,34 @@ def write_json(path: Path, data) -> None:
     tmp.replace(path)
 
 
-def run_grid(ctx: RunContext, base, groups: list[list[str]]) -> str:
-    """Train ``base`` once per class group, concurrently through Ray Tune (no search)."""
+def spec_jobs(ctx: RunContext, specs: dict, skip_bad_images: bool) -> dict[str, dict[str, Any]]:
+    """Per study key, the training job of its spec (``distributed.spec``) on this run's data."""
+    from distributed.spec import spec_job
+
+    return {key: spec_job(spec, ctx.dataset, str(ctx.root), ctx.seed, skip_bad_images) for key, spec in specs.items()}
+
+
+def run_grid(ctx: RunContext, specs: dict, skip_bad_images: bool) -> str:
+    """Train each study's spec once, concurrently through Ray Tune (no search)."""
     from ray import tune
 
     from distributed.train import METRIC, MODE, tune_trial
     from distributed.results import collect_best, format_table
-    from ensembles.build import group_key
 
+    bases = spec_jobs(ctx, specs, skip_bad_images)
+    model = next(iter(specs.values())).model
     start_ray(ctx)
     fill_resources(ctx)
-    write_json(ctx.run_dir / "config.json", {"command": "train", "job": base.to_dict(), "groups": groups,
+    write_json(ctx.run_dir / "config.json", {"command": "train", "jobs": bases,
+                                             "specs": {k: s.summary() for k, s in specs.items()},
                                              "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
-    bases = {group_key(g): {**base.to_dict(), "classes": g} for g in groups}
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, bases=bases, storage=str(ctx.run_dir / "train"), resources=ctx.resources()),
         functools.partial(trial_placement, ctx))
-    tuner = tune.Tuner(trainable, param_space={"study": tune.grid_search(list(bases)), "model": base.model},
+    tuner = tune.Tuner(trainable, param_space={"study": tune.grid_search(list(bases)), "model": model},
                        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, max_concurrent_trials=ctx.max_concurrent),
                        run_config=tune.RunConfig(name="train", storage_path=str(ctx.run_dir / "tune"),
                                                  failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
-    best = collect_best(grid, ctx.run_dir, base.model, {k: b["classes"] for k, b in bases.items()})
+    best = collect_best(grid, ctx.run_dir, model, {k: b["classes"] for k, b in bases.items()})
     return format_table(best)

@@ -328,4 +328,6 @@ def run_callbacks(ctx, todo: list, args) -> tuple[list[Callback], PlacementGroup
         stall_s=args.stall_timeout, orphan_grace_s=min(60.0, args.stall_timeout / 2), train_bundle=bundle,
         train_workers=ctx.workers, slots=ctx.max_concurrent, resume_command=f"python -m distributed.tune --resume {ctx.run_dir}"))
     progress = StudyProgress({s.key: args.trials for s in todo}, ctx.run_dir, slots=ctx.max_concurrent)
-    return [progress, watch], watch
+    from distributed.checkpoints import DropOptimizerState
+
+    return [progress, watch, DropOptimizerState(ctx.run_dir)], watch

@@ -143,7 +143,11 @@ def collect_best(grid, run_dir: Path, model: str, groups: dict[str, list[str]]) 
         info = export_best(result, run_dir, model, groups[result.config["study"]])
         if info is not None:
             infos.append(info)
-    return update_best_index(run_dir, infos)
+    index = update_best_index(run_dir, infos)
+    from distributed.checkpoints import drop_trial_checkpoints
+
+    drop_trial_checkpoints(grid, run_dir)  # best/ holds the one copy of each group's model
+    return index
 
 
 def format_table(index: list[dict]) -> str:

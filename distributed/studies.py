@@ -129,12 +129,12 @@ class StudySearcher(Searcher):
 
 class StudyScheduler(FIFOScheduler):
     """One early-stopping scheduler per study, made on first sight of the study by
-    ``make_scheduler()``. Pending trials start in the order the searcher created them.
+    ``make_scheduler(study_key)``. Pending trials start in the order the searcher created them.
 
     Tune does not save a scheduler: on restore, each finished trial is replayed into its
     study's scheduler from the results it recorded (``result.json``), which rebuilds the rungs."""
 
-    def __init__(self, make_scheduler: Callable[[], TrialScheduler]):
+    def __init__(self, make_scheduler: Callable[[str], TrialScheduler]):
         super().__init__()
         self.make_scheduler = make_scheduler
         self.schedulers: dict[str, TrialScheduler] = {}
@@ -142,7 +142,7 @@ class StudyScheduler(FIFOScheduler):
     def scheduler_of(self, trial) -> TrialScheduler:
         key = study_of(trial.config)
         if key not in self.schedulers:
-            self.schedulers[key] = self.make_scheduler()
+            self.schedulers[key] = self.make_scheduler(key)
         return self.schedulers[key]
 
     def set_search_properties(self, metric, mode, **spec) -> bool:
@@ -188,7 +188,8 @@ def recorded_results(trial) -> list[dict]:
 @dataclass
 class SearchOptions:
     trials: int
-    epochs: int
+    epochs: int | dict[str, int]
+    """Maximum epochs of a trial (ASHA's max_t): one for all studies, or per study key."""
     grace_epochs: int
     search: str = "tpe"
     seed: int = 0
@@ -198,6 +199,9 @@ class SearchOptions:
     def startup_trials(self) -> int:
         # TPE's default 10 random start-up trials would be most of a small budget
         return min(10, max(3, self.trials // 3))
+
+    def epochs_of(self, key: str) -> int:
+        return max(1, self.epochs[key] if isinstance(self.epochs, dict) else self.epochs)
 
     def per_study_cap(self) -> int:
         """Default cap: the random start-up trials may all run at once, later ones learn from them."""
@@ -241,7 +245,10 @@ def make_search(studies: list[Study], spaces: dict[str, tuple[Callable, list[dic
     searcher = StudySearcher(studies, searchers, options.trials, options.per_study_cap(), metric, mode)
     if options.search == "random":
         return searcher, FIFOScheduler()
-    asha = functools.partial(ASHAScheduler, metric=metric, mode=mode, time_attr="training_iteration",
-                             max_t=max(options.epochs, 1), reduction_factor=2,
-                             grace_period=max(1, min(options.grace_epochs, options.epochs)))
+
+    def asha(key: str) -> TrialScheduler:
+        epochs = options.epochs_of(key)
+        return ASHAScheduler(metric=metric, mode=mode, time_attr="training_iteration", max_t=epochs,
+                             reduction_factor=2, grace_period=max(1, min(options.grace_epochs, epochs)))
+
     return searcher, StudyScheduler(asha)

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
 from models import create_model
-from models.training import NonFiniteLossError, make_optimizer, score_loader, train_epoch, unwrap
+from models.training import (NonFiniteLossError, Recipe, make_lr_schedule, make_optimizer, recipe_fields,
+                             score_loader, train_epoch, unwrap)
 
 METRIC = "val_score"
 SPLITS_CACHE = DEFAULT_CACHE_ROOT / "splits"
@@ -51,10 +52,9 @@ class TrainJob:
     classes: list[str]
     preset: str = "fast"
     model_config: dict[str, Any] = field(default_factory=dict)
-    epochs: int = 5
-    batch_size: int = 8
-    lr: float = 1e-3
-    weight_decay: float = 1e-5
+    """Over the preset (``distributed.spec`` gives every field)."""
+    recipe: dict[str, Any] = field(default_factory=lambda: dataclasses.asdict(Recipe()))
+    """``models.training.Recipe`` fields; ``epochs`` are passes over the training images."""
     val_fraction: float = 0.2
     seed: int = 0
     skip_bad_images: bool = False
@@ -67,11 +67,23 @@ class TrainJob:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def training_recipe(self) -> Recipe:
+        return Recipe(**self.recipe)
+
+    @property
+    def epochs(self) -> int:
+        return int(self.recipe["epochs"])
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.recipe["batch_size"])
+
+    @property
+    def lr(self) -> float:
+        return float(self.recipe["lr"])
+
     def build_model(self):
-        config = dict(self.model_config)
-        if len(self.classes) > 1 and "num_classes" in model_config_fields(self.model):
-            config.setdefault("num_classes", len(self.classes))  # class-specific codebooks (HVQ-Trans)
-        return create_model(self.model, self.preset, **config)
+        return create_model(self.model, self.preset, **self.model_config)
 
 
 def model_trains(model: str) -> bool:
@@ -212,11 +224,15 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
     model.to(session.device)
     if not model.trains:
         return fit_loop(model, job, session, splits)
-    optimizer = make_optimizer(model, job.lr, job.weight_decay)
+    recipe = job.training_recipe()
+    optimizer = make_optimizer(model, recipe.lr, recipe)
+    schedule = make_lr_schedule(optimizer, recipe)
     start = 0
     checkpoint = session.checkpoint()
     if checkpoint is not None:
         start = restore_checkpoint(checkpoint, model, optimizer)
+        if schedule is not None:  # the saved optimiser has the stepped learning rate already
+            schedule.last_epoch = start
     torch.manual_seed(job.seed + 1000 * session.rank + start)
     drop_last = len(splits.train) >= 2 * job.batch_size * session.world
     model, loader = session.prepare(model, splits.train, job.batch_size, drop_last)
@@ -225,13 +241,15 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
             loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
         try:
-            parts = train_epoch(model, loader, optimizer, session.device)
+            parts = train_epoch(model, loader, optimizer, session.device, recipe.grad_clip)
         except NonFiniteLossError as err:
             # metrics are kept only with a checkpoint: attach a tiny one saying why
             session.report({"epoch": epoch + 1, "diverged": 1, METRIC: float("nan"), "train_loss": float("nan"),
                             "val_image_auroc": float("nan"), "val_pixel_auroc": float("nan"), "node": session.node},
                            lambda d, msg=str(err): (d / DIVERGED_FILE).write_text(msg + "\n"))
             return False
+        if schedule is not None:
+            schedule.step()
         metrics = {"epoch": epoch + 1, "train_loss": parts["loss"], "epoch_seconds": time.perf_counter() - started,
                    "node": session.node}
         if session.rank == 0:
@@ -285,13 +303,14 @@ def run_training(job: TrainJob, storage: str, name: str, resources: Resources, c
 
 
 def job_from_trial_config(base: dict[str, Any], config: dict[str, Any]) -> TrainJob:
-    """Sampled values go to the job (``lr``, ``epochs``...) or to the model config when they are
-    its fields; search-only helpers (e.g. HaloAE's ``depth``) are dropped here."""
-    job_fields = {f.name for f in dataclasses.fields(TrainJob)} - {"model_config"}
-    model_fields = model_config_fields(base["model"])
-    merged = {**base, **{k: v for k, v in config.items() if k in job_fields}}
-    merged["model_config"] = {**base.get("model_config", {}),
-                              **{k: v for k, v in config.items() if k in model_fields}}
+    """Sampled values go to the recipe (``lr``) or to the model config when they are its fields;
+    search-only helpers (e.g. HaloAE's ``depth``) are dropped here. (Pinned fields are never
+    sampled: ``search_spaces.PinnedTrial``.)"""
+    fields = model_config_fields(base["model"])
+    merged = dict(base)
+    merged["model_config"] = {**base.get("model_config", {}), **{k: v for k, v in config.items() if k in fields}}
+    merged["recipe"] = {**base.get("recipe", dataclasses.asdict(Recipe())),
+                        **{k: v for k, v in config.items() if k in recipe_fields()}}
     return TrainJob.from_dict(merged)
 
 
@@ -333,31 +352,34 @@ def parse_args(argv=None):
     p.add_argument("--model", required=True, help="a registered model: haloae, hvq_trans, transformaly, patchcore")
     add_data_args(p)
     p.add_argument("--preset", default="fast", help="model preset: fast (CPU-sized) or paper")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a model config field, e.g. --set halo=3 (repeatable)")
+    p.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
+                   help="fix a model config or training field, e.g. --set haloae.halo=3 (repeatable)")
     p.add_argument("--unified", action="store_true", help="one model for all the classes (multi-class)")
-    p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--epochs", type=int, default=None, help="at most this many epochs (default: the preset's)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: the preset's")
+    p.add_argument("--lr", type=float, default=None, help="default: the preset's")
     add_cluster_args(p)
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
-    from distributed.cli import CliError, parse_overrides, prepare_run, run_grid
+    from distributed.cli import CliError, prepare_run, run_grid
+    from distributed.spec import SpecError, build_specs
+    from distributed.studies import Study
+    from ensembles.build import group_key
 
     args = parse_args(argv)
     try:
+        if args.epochs is not None and args.epochs < 1:
+            raise CliError(f"--epochs must be >= 1, got {args.epochs}")
         ctx = prepare_run(args, models=[args.model])
         groups = [ctx.classes] if args.unified else [[c] for c in ctx.classes]
-        base = TrainJob(model=args.model, dataset=ctx.dataset, root=str(ctx.root), classes=ctx.classes,
-                        preset=args.preset,
-                        model_config={**({"image_size": args.image_size} if args.image_size else {}),
-                                      **parse_overrides(args.set)}, epochs=args.epochs,
-                        batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                        skip_bad_images=args.skip_bad_images)
-        table = run_grid(ctx, base, groups)
-    except CliError as err:
+        sets = list(args.set) + ([f"{args.model}.lr={args.lr}"] if args.lr is not None else [])
+        studies = [Study(group_key(g), args.model, tuple(g)) for g in groups]
+        specs = build_specs(studies, ctx.records, args.preset, sets, args.epochs, args.batch_size,
+                            args.image_size, args.seed)
+        table = run_grid(ctx, specs, args.skip_bad_images)
+    except (CliError, SpecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(table)

@@ -26,24 +26,25 @@ from pathlib import Path
 from typing import Any
 
 from models import model_names
-from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, parse_overrides,
-                             prepare_run, split_list, start_ray, trial_placement, write_json)
+from distributed.spec import SpecError, build_specs
+from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, prepare_run,
+                             spec_jobs, split_list, start_ray, trial_placement, write_json)
 
 DEFAULT_MODELS = tuple(model_names())  # every registered model
 SEARCH_NAME = "search"  # RUN/tune/search: the one Tune run of every study
 OPTUNA_FILE = "optuna.journal"  # each study's Optuna history (optuna.storages.JournalStorage)
 
 
-# Search defaults as (usual, offline demo). Trained members are starved by a handful
-# of epochs: on the surfaces family HVQ-Trans went from 0.78 to 0.90 test image AUROC between 3
-# and 25-50 epochs (python -m bench.epochs). The demo runs fewer and shorter trials, to stay
-# within a few minutes on a laptop.
-SEARCH_DEFAULTS = {"trials": (3, 2), "epochs": (20, 3), "grace_epochs": (3, 1)}
+# Search defaults as (usual, offline demo); epochs None = each preset's own recipe. Trained
+# members are starved by a handful of epochs: on the surfaces family HVQ-Trans went from 0.78
+# to 0.90 test image AUROC between 3 and 25-50 epochs (python -m bench.epochs). The demo runs
+# fewer and shorter trials, to stay within a few minutes on a laptop.
+SEARCH_DEFAULTS = {"trials": (3, 2), "epochs": (None, 3), "grace_epochs": (3, 1)}
 
 
 def default_help(option: str) -> str:
     usual, demo = SEARCH_DEFAULTS[option]
-    return f"default: {usual}; the demo: {demo}"
+    return f"default: {usual if usual is not None else 'the preset recipe'}; the demo: {demo}"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -54,7 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--models", default=",".join(DEFAULT_MODELS), help="comma-separated models to tune")
     g.add_argument("--preset", default="fast", help="model preset the search starts from: fast or paper")
     g.add_argument("--set", action="append", default=[], metavar="MODEL.KEY=VALUE",
-                   help="fix a model config field, e.g. --set hvq_trans.num_heads=8 (repeatable)")
+                   help="fix a model config or training field (never searched), e.g. --set hvq_trans.num_heads=8 "
+                        "or --set haloae.lr=1e-4 (repeatable)")
     g.add_argument("--trials", type=int, default=None, help=f"trials per study ({default_help('trials')})")
     g.add_argument("--epochs", type=int, default=None,
                    help=f"maximum epochs per trial, ASHA stops bad ones earlier ({default_help('epochs')})")
@@ -63,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--search", choices=("tpe", "random"), default="tpe",
                    help="tpe: Optuna TPE + ASHA early stopping; random: random sampling of the same space, "
                         "every trial trained to the end (a baseline)")
-    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--batch-size", type=int, default=None, help="default: each preset's recipe")
     g.add_argument("--max-concurrent-per-study", type=int, default=None,
                    help="trials of one study running at once (default: its TPE random start-up trials, "
                         "min(10, max(3, trials // 3)); TPE learns only from finished trials)")
@@ -86,16 +88,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         if getattr(args, option) is None:
             setattr(args, option, demo_value if demo else usual)
     return args
-
-
-def model_overrides(items: list[str], models: list[str], image_size: int | None = None) -> dict[str, dict[str, Any]]:
-    out: dict[str, dict[str, Any]] = {m: ({"image_size": image_size} if image_size else {}) for m in models}
-    for key, value in parse_overrides(items).items():
-        model, _, field = key.partition(".")
-        if model not in out or not field:
-            raise CliError(f"--set {key}=...: expected MODEL.KEY=VALUE with MODEL one of {models}")
-        out[model][field] = value
-    return out
 
 
 def restore_args(argv) -> argparse.Namespace:
@@ -127,20 +119,16 @@ def search_studies(ctx: RunContext, scope: str) -> list["Study"]:
     return [Study(f"{m}-{group_key(g)}", m, tuple(g)) for m in ctx.models for g in groups]
 
 
-def run_search(ctx: RunContext, args, todo: list, overrides: dict[str, dict[str, Any]]):
+def run_search(ctx: RunContext, args, todo: list, specs: dict):
     """Every study as trials of one Tune run (restored when an interrupted one is found)."""
     import optuna
     from ray import tune
 
     from distributed.monitor import run_callbacks
     from distributed.studies import SearchOptions, live_trial_limit, make_search
-    from distributed.train import METRIC, MODE, TrainJob, tune_trial
-    from search_spaces import base_config, get_space
+    from distributed.train import METRIC, MODE, tune_trial
 
-    bases = {s.key: TrainJob(model=s.model, dataset=ctx.dataset, root=str(ctx.root), classes=list(s.classes),
-                             preset=args.preset, model_config=overrides[s.model], epochs=args.epochs,
-                             batch_size=args.batch_size, seed=args.seed,
-                             skip_bad_images=args.skip_bad_images).to_dict() for s in todo}
+    bases = spec_jobs(ctx, {s.key: specs[s.key] for s in todo}, args.skip_bad_images)
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, bases=bases, storage=str(ctx.run_dir / "train"), resources=ctx.resources()),
         functools.partial(trial_placement, ctx))
@@ -155,11 +143,11 @@ def run_search(ctx: RunContext, args, todo: list, overrides: dict[str, dict[str,
         run_config = tuner._local_tuner.get_run_config()  # noqa: SLF001 -- restore would keep the pickled ones
         run_config.callbacks, run_config.stop = callbacks, stopper
     else:
-        options = SearchOptions(trials=args.trials, epochs=args.epochs, grace_epochs=args.grace_epochs,
-                                search=args.search, seed=args.seed,
+        options = SearchOptions(trials=args.trials, epochs={s.key: specs[s.key].recipe.epochs for s in todo},
+                                grace_epochs=args.grace_epochs, search=args.search, seed=args.seed,
                                 max_concurrent_per_study=args.max_concurrent_per_study,
                                 optuna_storage=str(ctx.run_dir / OPTUNA_FILE))
-        spaces = {s.key: get_space(s.model, base_config(s.model, args.preset, overrides[s.model])) for s in todo}
+        spaces = {s.key: specs[s.key].space() for s in todo}
         searcher, scheduler = make_search(todo, spaces, options, METRIC, MODE)
         tuner = tune.Tuner(
             trainable,
@@ -201,16 +189,9 @@ class InterruptWatch(logging.Handler):
         logging.getLogger("ray.tune").removeHandler(self)
 
 
-def paper_setting(model: str, args, overrides: dict[str, Any]) -> dict[str, Any]:
-    """The point every study evaluates first (the preset's / paper's values of the searched keys)."""
-    from search_spaces import base_config, get_space
-
-    points = get_space(model, base_config(model, args.preset, overrides))[1]
-    return points[0] if points else {}
-
-
-def finish_studies(ctx: RunContext, todo: list, grid, args, overrides: dict, done: dict) -> None:
+def finish_studies(ctx: RunContext, todo: list, grid, specs: dict, done: dict) -> None:
     """Per study: its rows in trials.csv, its best checkpoint in best/, its entry in studies.json."""
+    from distributed.checkpoints import drop_trial_checkpoints
     from distributed.results import best_result, export_best, trial_rows, update_best_index, write_trials
     from distributed.studies import STUDY_KEY
 
@@ -222,9 +203,10 @@ def finish_studies(ctx: RunContext, todo: list, grid, args, overrides: dict, don
             continue
         rows = trial_rows(mine, study.model)
         write_trials(rows, ctx.run_dir / "trials.csv")
-        info = export_best(best_result(mine, paper_setting(study.model, args, overrides[study.model])),
+        info = export_best(best_result(mine, specs[study.key].first_point()),
                            ctx.run_dir, study.model, list(study.classes), {"study": study.key})
         update_best_index(ctx.run_dir, [info] if info else [])
+        drop_trial_checkpoints(mine, ctx.run_dir)  # best/ holds the one copy the study keeps
         failed = sum(r["status"] == "error" for r in rows)
         if failed:
             print(f"[tune] {study.key}: {failed} of {len(rows)} trial(s) failed (see trials.csv, column error)",
@@ -232,6 +214,19 @@ def finish_studies(ctx: RunContext, todo: list, grid, args, overrides: dict, don
         done[study.key] = {"best": info["checkpoint"] if info else None, "trials": len(rows),
                            "finished": time.time()}
     write_json(ctx.run_dir / "studies.json", done)
+
+
+def print_specs(specs: dict) -> None:
+    """One line per model (its studies share preset and recipe but for the epochs)."""
+    seen = set()
+    for spec in specs.values():
+        if spec.model in seen:
+            continue
+        seen.add(spec.model)
+        r = spec.recipe
+        pinned = f", fixed {sorted(spec.pinned)}" if spec.pinned else ""
+        print(f"[tune] {spec.model}: preset {spec.preset}, {spec.epochs_note}, batch {r.batch_size}, "
+              f"{r.optimizer} lr {r.lr:g} (searched around it){pinned}", flush=True)
 
 
 def load_done(run_dir: Path) -> dict[str, Any]:
@@ -246,30 +241,34 @@ def main(argv=None) -> int:
     try:
         args = restore_args(argv)
         models = split_list(args.models) or list(DEFAULT_MODELS)
-        if args.trials < 1 or args.epochs < 1:
+        if args.trials < 1 or (args.epochs is not None and args.epochs < 1):
             raise CliError("--trials and --epochs must be >= 1")
         if args.max_concurrent_per_study is not None and args.max_concurrent_per_study < 1:
             raise CliError(f"--max-concurrent-per-study must be >= 1, got {args.max_concurrent_per_study}")
         if args.stall_timeout <= 0:
             raise CliError(f"--stall-timeout must be > 0 seconds, got {args.stall_timeout}")
         ctx = prepare_run(args, models)
-        overrides = model_overrides(args.set, models, args.image_size)
+        studies = search_studies(ctx, args.study_scope)
+        specs = build_specs(studies, ctx.records, args.preset, args.set, args.epochs, args.batch_size,
+                            args.image_size, args.seed)
         start_ray(ctx)
         fill_resources(ctx)
-    except CliError as err:
+    except (CliError, SpecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     recorded["root"] = str(ctx.root)  # resolved: a resume from another folder finds the data
     write_json(ctx.run_dir / "config.json", {"command": "tune", "args": recorded, "dataset": ctx.dataset,
                                              "root": str(ctx.root), "classes": ctx.classes,
-                                             "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
+                                             "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent,
+                                             "specs": {k: s.summary() for k, s in specs.items()}})
+    print_specs(specs)
     print(f"[tune] run folder {ctx.run_dir}; {len(ctx.classes)} class(es), models {models}, "
           f"{args.trials} trial(s) per study, up to {ctx.max_concurrent} at a time", flush=True)
     done = load_done(ctx.run_dir)
-    todo = [s for s in search_studies(ctx, args.study_scope) if s.key not in done]
+    todo = [s for s in studies if s.key not in done]
     if todo:
-        grid, interrupted, stopper = run_search(ctx, args, todo, overrides)
+        grid, interrupted, stopper = run_search(ctx, args, todo, specs)
         if stopper.failure:
             print(f"error: {stopper.failure}", file=sys.stderr, flush=True)
             return 1
@@ -277,7 +276,7 @@ def main(argv=None) -> int:
             print(f"[tune] interrupted; continue with python -m distributed.tune --resume {ctx.run_dir}",
                   file=sys.stderr, flush=True)
             return 130
-        finish_studies(ctx, todo, grid, args, overrides, done)
+        finish_studies(ctx, todo, grid, specs, done)
     index = json.loads((ctx.run_dir / "best.json").read_text()) if (ctx.run_dir / "best.json").exists() else []
     index = [i for i in index if i["model"] in ctx.models and set(i["classes"]) <= set(ctx.classes)]
     print("\nBest validation scores (validation = held-out normals + synthetic defects):")

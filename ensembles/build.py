@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -31,6 +32,16 @@ def members_for_class(index: list[dict], class_name: str) -> dict[str, dict]:
     return found
 
 
+def member_reference(checkpoint: Path, out_dir: Path, model: str, classes: list[str]) -> str:
+    """Where ``ensemble.json`` finds a member, relative to the ensemble folder: the run's own
+    ``best/`` copy when the ensemble sits in that run folder (one copy, no link: object stores
+    have none), else a copy under ``members/``."""
+    run_dir = out_dir.resolve().parent
+    if checkpoint.resolve().is_relative_to(run_dir):
+        return Path(os.path.relpath(checkpoint.resolve(), out_dir.resolve())).as_posix()
+    return f"members/{model}/{group_key(classes)}.pt"
+
+
 def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], out_dir, seed: int = 0,
                    val_fraction: float = 0.2, device: str | None = None, skip_bad_images: bool = False) -> Ensemble:
     """Fit one fusion per class on its validation set and save the ensemble folder ``out_dir``."""
@@ -44,7 +55,7 @@ def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], ou
             raise EnsembleError(f"no trained member for class {class_name!r}: every trial of it failed")
         files = {}
         for model, info in sorted(entries.items()):
-            rel = f"members/{model}/{group_key(info['classes'])}.pt"
+            rel = member_reference(Path(info["checkpoint"]), Path(out_dir), model, info["classes"])
             if rel not in loaded:
                 loaded[rel] = load_model(info["checkpoint"]).to(device).eval()
                 sources[rel] = Path(info["checkpoint"])

@@ -2,10 +2,13 @@
 
 ::
 
-    ensemble/
+    RUN/ensemble/
       ensemble.json                 format, per class: members, normalisers, fusion rule and
-                                    weights, blur, image-score rule, threshold, validation report
-      members/<model>/<classes>.pt  member checkpoints (models.load_model)
+                                    weights, blur, image-score rule, threshold, validation report;
+                                    each member's file, relative to this folder: the run's
+                                    ../best/<model>/<classes>/model.pt (one copy, keep the run
+                                    folder together), or a copy under members/ for an ensemble
+                                    saved outside the run folder of its members
 
 >>> from ensembles import Ensemble
 >>> ens = Ensemble.load("runs/demo/ensemble")
@@ -177,6 +180,8 @@ class Ensemble:
         folder.mkdir(parents=True, exist_ok=True)
         for rel, src in sources.items():
             target = folder / rel
+            if rel.startswith("../"):  # the run's best/ copy, referred to, not copied
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             if Path(src).resolve() != target.resolve():
                 shutil.copy2(src, target)

@@ -40,15 +40,61 @@ def create_model(name: str, preset: str | None = None, **config) -> AnomalyModel
 
 
 def load_model(path, map_location="cpu") -> AnomalyModel:
-    """Rebuild a model saved with ``model.save(path)``; the file holds every weight it needs."""
+    """Rebuild a model saved with ``model.save(path)``.
+
+    The file holds what training changed; the frozen backbone is rebuilt from the config's
+    weights source (a random one from its fixed seed) and must match the digest saved with it.
+    Checkpoints of format 1 (every tensor in the file) still load."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     ckpt = torch.load(str(path), map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT or "model" not in ckpt:
-        raise ConfigError(f"{path} is not a model checkpoint of this version (format {CHECKPOINT_FORMAT})")
+    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT) or "model" not in ckpt:
+        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ConfigError(f"{path} is not a model checkpoint this version reads (formats 1 and "
+                          f"{CHECKPOINT_FORMAT}; found {found!r}): retrain it with this version")
+    if ckpt["format"] == 1:
+        return _load_full_checkpoint(ckpt)
+    model = _rebuild(ckpt, path)
+    saved = ckpt["frozen"]
+    if model.frozen_digest() != saved["sha256"]:
+        raise ConfigError(
+            f"{path}: the frozen backbone rebuilt from weights={saved['weights']!r} differs from the one this "
+            f"model was trained with (saved with torch {saved['torch']}, timm {saved['timm']}; this is torch "
+            f"{torch.__version__}, timm {timm_version()}): load it with those versions and the same weights")
+    missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
+    lacking = sorted(set(missing) - model.frozen_state_keys())
+    if lacking or unexpected:
+        raise ConfigError(f"{path} does not fit {ckpt['model']} with its saved config: "
+                          f"missing {lacking[:5]}, unexpected {sorted(unexpected)[:5]}")
+    model.weights_used = ckpt["weights_used"]
+    return model
+
+
+def timm_version() -> str:
+    import timm
+
+    return timm.__version__
+
+
+def _rebuild(ckpt: dict, path: Path) -> AnomalyModel:
+    """The model of ``ckpt``'s config, its frozen parts from their weights source."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return model_class(ckpt["model"]).from_config(None, **ckpt["config"])
+        except ConfigError:
+            raise
+        except Exception as err:
+            raise ConfigError(f"{path}: cannot rebuild its frozen backbone from weights="
+                              f"{ckpt['config'].get('weights')!r} ({type(err).__name__}: {err}); make those "
+                              "weights available (the timm hub or cache for 'imagenet', the file for a path)") from err
+
+
+def _load_full_checkpoint(ckpt: dict) -> AnomalyModel:
+    """Format 1: every tensor, the frozen backbone's included, is in the file."""
     config = dict(ckpt["config"])
-    config["weights"] = "none"  # the backbone's tensors come from the checkpoint itself
+    config["weights"] = "none"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = model_class(ckpt["model"]).from_config(None, **config)

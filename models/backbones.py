@@ -13,7 +13,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -28,6 +30,27 @@ HALF_MEAN = (0.5, 0.5, 0.5)
 HALF_STD = (0.5, 0.5, 0.5)
 
 PACKAGED_ARCH = "tf_efficientnet_lite0"
+FROZEN_INIT_SEED = 0  # a random frozen backbone (weights "none") is rebuilt from it on load
+
+
+@contextlib.contextmanager
+def frozen_init():
+    """Random initialisation of a frozen network from ``FROZEN_INIT_SEED``, leaving the caller's
+    random state as it was: the same config gives the same random backbone, so checkpoints need
+    not store it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(FROZEN_INIT_SEED)
+        yield
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of names, dtypes, shapes and bytes of ``tensors`` (in key order)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 class WeightsError(ValueError):
@@ -250,13 +273,15 @@ def create_feature_backbone(arch: str, weights: str, out_indices) -> tuple[nn.Mo
 
     Run it with :func:`cnn_maps`.
     """
-    net = timm.create_model(arch, pretrained=False, features_only=True, out_indices=tuple(out_indices))
+    with frozen_init():
+        net = timm.create_model(arch, pretrained=False, features_only=True, out_indices=tuple(out_indices))
     label = load_weights_into(net, arch, weights)
     return optimize_frozen_cnn(net), label
 
 
 def create_classifier(arch: str, weights: str) -> tuple[nn.Module, str]:
     """A frozen whole timm model (with its classifier), and its weights label."""
-    net = timm.create_model(arch, pretrained=False)
+    with frozen_init():
+        net = timm.create_model(arch, pretrained=False)
     label = load_weights_into(net, arch, weights)
     return freeze(net), label

@@ -17,7 +17,9 @@ from torch import Tensor, nn
 
 from models import backbones
 
-CHECKPOINT_FORMAT = 1
+# 1: every tensor; 2: no frozen tensor (the backbone is rebuilt from the config and checked
+# against the stored digest of its tensors)
+CHECKPOINT_FORMAT = 2
 
 
 class ConfigError(ValueError):
@@ -63,6 +65,8 @@ class AnomalyModel(nn.Module):
     name: ClassVar[str] = ""
     config_class: ClassVar[type] = object
     presets: ClassVar[dict[str, dict[str, Any]]] = {}
+    # per preset, the training recipe (``models.training.Recipe`` fields) that goes with it
+    recipes: ClassVar[dict[str, dict[str, Any]]] = {}
     # sigma (in pixels of the input) of the blur applied before max-pooling the image score
     score_blur_sigma: ClassVar[float] = 4.0
     # False for a model that is fitted, not trained (no trainable parameter): its whole training
@@ -88,6 +92,19 @@ class AnomalyModel(nn.Module):
         if unknown:
             raise ConfigError(f"{cls.name}: unknown config parameter(s) {unknown}; known: {sorted(fields)}")
         return cls(cls.config_class(**values))
+
+    @classmethod
+    def check_config(cls, config) -> None:
+        """Checks that need no backbone, run before Ray starts; raise ``ConfigError``."""
+
+    @classmethod
+    def recipe(cls, preset: str | None):
+        """The training recipe of ``preset`` (``Recipe()`` defaults for none)."""
+        from models.training import Recipe
+
+        if preset is not None and preset not in cls.presets:
+            raise ConfigError(f"{cls.name}: unknown preset {preset!r}; choose one of {sorted(cls.presets)}")
+        return Recipe(**cls.recipes.get(preset, {})) if preset else Recipe()
 
     def config_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self.config)
@@ -133,13 +150,31 @@ class AnomalyModel(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     # ----- checkpoints -----------------------------------------------------------------
+    def frozen_state_keys(self) -> set[str]:
+        """State-dict keys of the frozen modules (rebuilt from the config, never saved)."""
+        frozen = {id(m) for m in self.frozen_modules()}
+        prefixes = [f"{name}." for name, m in self.named_modules() if id(m) in frozen]
+        return {k for k in self.state_dict() if any(k.startswith(p) for p in prefixes)}
+
+    def frozen_digest(self) -> str:
+        state = self.state_dict()
+        return backbones.tensors_digest({k: state[k] for k in self.frozen_state_keys()})
+
     def checkpoint(self) -> dict[str, Any]:
+        """What training changed (trainable parameters, fitted statistics) and how to rebuild
+        the rest: the config names the backbone and its weights source; ``frozen`` holds the
+        digest the rebuilt backbone must match."""
+        import timm
+
+        frozen = self.frozen_state_keys()
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.name,
             "config": self.config_dict(),
             "weights_used": self.weights_used,
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items() if k not in frozen},
+            "frozen": {"sha256": self.frozen_digest(), "tensors": len(frozen), "weights": self.config.weights,
+                       "torch": torch.__version__, "timm": timm.__version__},
         }
 
     def save(self, path) -> None:

@@ -129,6 +129,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+RECIPES: dict[str, dict[str, Any]] = {
+    # Adam 1e-4, weight decay 1e-5, batch 4, 251 "epochs" of 3000 samples each (the original
+    # repeats the class's images to 3000 per epoch), no schedule, no clipping
+    "paper": dict(lr=1e-4, epochs=251, samples_per_epoch=3000, batch_size=4, optimizer="adam",
+                  weight_decay=1e-5, grad_clip=0.0),
+    "fast": dict(lr=1e-3, epochs=20, batch_size=8, optimizer="adamw", weight_decay=1e-5, grad_clip=1.0),
+}
+
+
 def check_halo_geometry(block: int, halo: int, where: str = "HaloAttention") -> None:
     """Raise ConfigError for block/halo values that define no valid halo attention."""
     if not isinstance(block, int) or block < 1:
@@ -402,7 +411,8 @@ class VGGFeatures(nn.Module):
 def build_backbone(cfg: HaloAEConfig) -> tuple[nn.Module, list[int], str]:
     """(frozen feature extractor returning a list of maps, their channels, weights label)."""
     if cfg.backbone.startswith("vgg"):
-        net = VGGFeatures(cfg.backbone, cfg.layers)
+        with backbones.frozen_init():
+            net = VGGFeatures(cfg.backbone, cfg.layers)
         label = backbones.load_weights_into(net, cfg.backbone, cfg.weights)
         return backbones.optimize_frozen_cnn(net), list(net.channels), label
     try:
@@ -459,6 +469,8 @@ class HaloAE(AnomalyModel):
     name = "haloae"
     config_class = HaloAEConfig
     presets = PRESETS
+    recipes = RECIPES
+    check_config = staticmethod(check_config)
 
     def __init__(self, config: HaloAEConfig):
         check_config(config)

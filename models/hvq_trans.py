@@ -21,9 +21,12 @@ windows of one feature cell (16x16 px at the paper preset, as the original's
 
 Differences from the original code, on purpose:
 
-- the codebook (and head) of a class is chosen without the label at test time:
-  :meth:`HVQTrans.predict_class` picks the class whose codebooks quantise the image with the
-  lowest total squared error (the original reads the ground-truth class);
+- the codebook (and head) of a class is chosen without the label at test time (the original
+  reads the ground-truth class): :meth:`HVQTrans.predict_class` picks the class whose
+  prototype (mean unit descriptor of its training images, fitted by ``fit_statistics``) is
+  nearest in cosine, so the image is quantised once; before prototypes are fitted it picks
+  the class whose codebooks quantise the image with the lowest total squared error
+  (:meth:`HVQTrans.route_by_quantisation`, which quantises it with every class's codebooks);
 - EMA statistics are computed for the whole batch at once and, under ``torch.distributed``,
   all-reduced once per level as a ``[classes, codes, dim + 1]`` tensor, so classes never mix
   across workers (the original reduces per sample inside a Python loop);
@@ -43,8 +46,9 @@ The paper preset keeps the original's ``ot_weight`` 80 and OT temperature (the c
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import timm
 import torch
@@ -409,6 +413,13 @@ class HVQTrans(AnomalyModel):
     name: ClassVar[str] = "hvq_trans"
     config_class: ClassVar[type] = HVQTransConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = {"paper": PAPER, "fast": FAST}
+    # the original: AdamW 1e-4 (wd 1e-4), batch 16, 1000 epochs, lr x0.1 after 800, clip 0.1
+    recipes: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": dict(lr=1e-4, epochs=1000, batch_size=16, optimizer="adamw", weight_decay=1e-4,
+                      grad_clip=0.1, lr_step_epochs=800, lr_gamma=0.1),
+        "fast": dict(lr=1e-3, epochs=20, batch_size=8, optimizer="adamw", weight_decay=1e-5, grad_clip=1.0),
+    }
+    check_config = staticmethod(validate_config)
 
     def __init__(self, config: HVQTransConfig):
         super().__init__(config)
@@ -450,6 +461,8 @@ class HVQTrans(AnomalyModel):
         self.decoder = nn.ModuleList(DecoderLayer(c.decoder_dim, c.num_heads, c.ffn_dim, c.dropout)
                                      for _ in range(c.decoder_layers))
         self.head = ClassHeads(n_classes if c.class_specific_head else 1, c.decoder_dim, self.feature_dim)
+        # routing prototypes, one unit descriptor per class; all zero until fit_statistics
+        self.register_buffer("class_prototypes", torch.zeros(n_classes, self.feature_dim))
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.backbone]
@@ -534,19 +547,71 @@ class HVQTrans(AnomalyModel):
         return {"loss": rec_loss + self.config.commitment_weight * commitment,
                 "reconstruction": rec_loss, "commitment": commitment}
 
+    # ----- routing: which class's codebooks and head an image uses --------------------------
+    def routing_descriptor(self, features: Tensor) -> Tensor:
+        """Backbone features ``[B, F, h, w]`` mean-pooled and L2-normalised: ``[B, F]``."""
+        return F.normalize(features.float().mean(dim=(2, 3)), dim=1)
+
+    @torch.no_grad()
+    def fit_statistics(self, loader: Iterable[dict[str, Any]]) -> None:
+        """Fit the routing prototypes: per class, the normalised mean descriptor of its images.
+
+        Batches must carry "class_index" (unified model); a one-class model fits nothing.
+        """
+        C = self.config.num_classes
+        if C == 1:
+            return
+        device = self.class_prototypes.device
+        sums = torch.zeros(C, self.feature_dim, device=device)
+        counts = torch.zeros(C, device=device)
+        for batch in loader:
+            images = batch["image"].to(device)
+            index = self._class_index(batch.get("class_index"), images.shape[0], device)
+            sums.index_add_(0, index, self.routing_descriptor(self.extract_features(images)))
+            counts.index_add_(0, index, torch.ones(index.shape[0], device=device))
+        missing = (counts == 0).nonzero().flatten().tolist()
+        if missing:
+            warnings.warn(f"hvq_trans: no training image of class(es) {missing}: their prototypes stay "
+                          "unfitted and images are routed by quantising them with every class")
+        self.class_prototypes.copy_(F.normalize(sums, dim=1))  # a class without images keeps zeros
+
+    @property
+    def prototypes_fitted(self) -> bool:
+        return bool((self.class_prototypes.abs().sum(dim=1) > 0).all())
+
     @torch.no_grad()
     def predict_class(self, images: Tensor) -> Tensor:
-        """Class whose codebooks quantise each image with the lowest total squared error: ``[B]``.
+        """The class whose codebooks and head each image uses: ``[B]``.
 
-        All classes are tried at once: level 1 is quantised in every class's codebook, the
-        quantised level 1 of class c feeds the higher levels of class c.
+        The nearest prototype (cosine) once ``fit_statistics`` has fitted them, otherwise the
+        lowest quantisation error (:meth:`route_by_quantisation`).
         """
-        outputs = self.encode(self.extract_features(images))
-        return self._route(outputs)
+        return self._route(self.extract_features(images))
 
-    def _route(self, outputs: list[Tensor]) -> Tensor:
+    @torch.no_grad()
+    def route_by_quantisation(self, images: Tensor) -> Tensor:
+        """Class whose codebooks quantise each image with the lowest total squared error: ``[B]``."""
+        return self._lowest_quantisation_error(self.encode(self.extract_features(images)))
+
+    @torch.no_grad()
+    def routing_agreement(self, images: Tensor) -> float:
+        """Fraction of ``images`` that :meth:`predict_class` and :meth:`route_by_quantisation` route alike."""
+        features = self.extract_features(images)
+        outputs = self.encode(features)
+        chosen = self._route(features, outputs)
+        return (chosen == self._lowest_quantisation_error(outputs)).float().mean().item()
+
+    def _route(self, features: Tensor, outputs: list[Tensor] | None = None) -> Tensor:
+        """Only the quantisation rule needs the encoder ``outputs``; they are computed if not given."""
         if self.config.num_classes == 1:
-            return torch.zeros(outputs[0].shape[0], dtype=torch.long, device=outputs[0].device)
+            return torch.zeros(features.shape[0], dtype=torch.long, device=features.device)
+        if self.prototypes_fitted:
+            return (self.routing_descriptor(features) @ self.class_prototypes.T).argmax(dim=1)
+        return self._lowest_quantisation_error(self.encode(features) if outputs is None else outputs)
+
+    def _lowest_quantisation_error(self, outputs: list[Tensor]) -> Tensor:
+        """All classes at once: level 1 is quantised in every class's codebook, the quantised
+        level 1 of class c feeds the higher levels of class c."""
         C = self.config.num_classes
         expand = [o.float().unsqueeze(1).expand(-1, C, -1, -1) for o in outputs]  # [B, C, N, d]
 
@@ -570,7 +635,7 @@ class HVQTrans(AnomalyModel):
         features = self.extract_features(images)
         outputs = self.encode(features)
         if class_index is None:
-            class_index = self._route(outputs)
+            class_index = self._route(features, outputs)
         else:
             class_index = self._class_index(class_index, images.shape[0], images.device)
         quantized, _, lowest_input = self.quantize_hierarchy(outputs, class_index)
@@ -591,3 +656,9 @@ class HVQTrans(AnomalyModel):
         # a cell x cell mean as two 1-D means: same values, 5x faster at 256 px (avg_pool2d sums whole windows)
         column_means = F.avg_pool2d(maps, kernel_size=(cell, 1), stride=1)
         return F.avg_pool2d(column_means, kernel_size=(1, cell), stride=1).flatten(1).amax(dim=1)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        # checkpoints saved before routing prototypes existed load unfitted (quantisation routing)
+        if "class_prototypes" not in state_dict:
+            state_dict = {**state_dict, "class_prototypes": torch.zeros_like(self.class_prototypes)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)

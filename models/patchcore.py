@@ -125,7 +125,11 @@ class PatchCore(AnomalyModel):
     name: ClassVar[str] = "patchcore"
     config_class: ClassVar[type] = PatchCoreConfig
     presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
+    # fitted in one pass: only the batch size of its feature extraction applies
+    recipes: ClassVar[dict[str, dict[str, Any]]] = {"paper": dict(epochs=1, batch_size=32),
+                                                    "fast": dict(epochs=1, batch_size=8)}
     trains: ClassVar[bool] = False
+    check_config = staticmethod(validate_config)
 
     def __init__(self, config: PatchCoreConfig):
         super().__init__(config)

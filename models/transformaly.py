@@ -198,7 +198,8 @@ def build_teacher(config: TransformalyConfig, keep_blocks: int) -> tuple[nn.Modu
     if config.patch_size:
         kwargs["patch_size"] = config.patch_size
     try:
-        teacher = timm.create_model(config.arch, pretrained=False, **kwargs)
+        with backbones.frozen_init():
+            teacher = timm.create_model(config.arch, pretrained=False, **kwargs)
     except Exception as err:  # timm raises assertion/type errors for impossible geometries
         raise ConfigError(f"transformaly: cannot build {config.arch!r} with image_size={config.image_size}, "
                           f"patch_size={config.patch_size}: {err}") from err
@@ -220,6 +221,15 @@ def build_teacher(config: TransformalyConfig, keep_blocks: int) -> tuple[nn.Modu
     return backbones.freeze(teacher), label
 
 
+def teacher_depth(arch: str) -> int:
+    """Blocks of the timm ViT ``arch``."""
+    with torch.device("meta"):  # the structure only, no memory or init cost
+        model = timm.create_model(arch, pretrained=False)
+    if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
+        raise ConfigError(f"transformaly: arch={arch!r} has no '.blocks'; choose a plain timm ViT ('vit_*')")
+    return len(model.blocks)
+
+
 class Transformaly(AnomalyModel):
     """Frozen ViT teacher + per-layer student blocks; Gaussian image score, student-error map."""
 
@@ -233,11 +243,16 @@ class Transformaly(AnomalyModel):
         "fast": {"arch": "vit_tiny_patch16_224", "image_size": 128, "patch_size": 8, "weights": "none",
                  "layers": "1-5", "student_depth": 1, "whitening_threshold": 0.9},
     }
+    # the original: Adam 1e-4, 30 epochs, batch 32 (its README; the code's default is 6)
+    recipes: ClassVar[dict[str, dict[str, Any]]] = {
+        "paper": dict(lr=1e-4, epochs=30, batch_size=32, optimizer="adam", weight_decay=0.0, grad_clip=0.0),
+        "fast": dict(lr=1e-3, epochs=20, batch_size=8, optimizer="adamw", weight_decay=1e-5, grad_clip=1.0),
+    }
 
     def __init__(self, config: TransformalyConfig):
         super().__init__(config)
         self._validate(config)
-        depth = self._teacher_depth(config.arch)
+        depth = teacher_depth(config.arch)
         self.layers = parse_layers(config.layers, depth)
         self.uses_cls = config.pretrained_score_weight > 0
         keep = depth if self.uses_cls else self.layers[-1] + 1
@@ -281,13 +296,10 @@ class Transformaly(AnomalyModel):
         if not c.map_blur_sigma >= 0:
             raise ConfigError(f"transformaly: map_blur_sigma={c.map_blur_sigma} must be >= 0")
 
-    @staticmethod
-    def _teacher_depth(arch: str) -> int:
-        with torch.device("meta"):  # the structure only, no memory or init cost
-            model = timm.create_model(arch, pretrained=False)
-        if not hasattr(model, "blocks") or not hasattr(model, "patch_embed"):
-            raise ConfigError(f"transformaly: arch={arch!r} has no '.blocks'; choose a plain timm ViT ('vit_*')")
-        return len(model.blocks)
+    @classmethod
+    def check_config(cls, config: TransformalyConfig) -> None:
+        cls._validate(config)
+        parse_layers(config.layers, teacher_depth(config.arch))
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.teacher]

@@ -1,4 +1,4 @@
-"""HaloAE: halo size, block size (fitting the feature grid), heads, depth, learning rate."""
+"""HaloAE: halo size, block size, encoder depth, heads, learning rate."""
 
 from __future__ import annotations
 
@@ -6,36 +6,49 @@ from typing import Any
 
 import optuna
 
-WIDTHS = (64, 48, 32, 16)
+from search_spaces import lr_range
+
+BLOCKS = (2, 4, 6, 8, 10, 12, 16)
+HEAD_SCALES = (0.5, 1.0, 2.0)
+DERIVES = {"depth": ("channels", "heads", "kernels"), "head_scale": ("heads",)}
 
 
 def feature_grid(base: dict[str, Any]) -> int:
     return base["image_size"] // base["feature_stride"]
 
 
-def block_choices(grid: int) -> list[int]:
-    """Block sides that tile the grid without padding, at most the grid itself."""
-    return [b for b in (2, 4, 6, 8, 10, 12, 16) if b <= grid and grid % b == 0] or [grid]
+def block_choices(grid: int, block: int | None = None) -> list[int]:
+    """Block sides up to the grid, and the base's own block. A block need not divide the grid:
+    the map is padded to a multiple of it and the padding is masked out of the attention, so
+    the paper's block 12 works on our 64-cell grid at 256 px (its 60 cells come from an unpadded
+    stem that we do not copy: it would misalign the map with the image)."""
+    choices = [b for b in BLOCKS if b <= grid] or [grid]
+    return sorted(set(choices) | ({block} if block and block <= grid else set()))
 
 
-def channels_for_depth(depth: int, stem: int) -> list[int]:
-    return [stem] + [max(8, stem // 2 ** (i + 1)) for i in range(depth)]
+def stages(base: dict[str, Any], depth: int, head_scale: float = 1.0) -> dict[str, list]:
+    """The base's encoder cut to ``depth`` stages, or extended by halving widths (min 8)."""
+    channels, heads, kernels = list(base["channels"]), list(base["heads"]), list(base["kernels"])
+    while len(channels) < depth + 1:
+        channels.append(max(8, channels[-1] // 2))
+        heads.append(heads[-1])
+        kernels.append(kernels[-1])
+    heads = [max(1, round(h * head_scale)) for h in heads[:depth]]
+    return {"channels": channels[:depth + 1], "heads": heads, "kernels": kernels[:depth]}
 
 
 def space(trial: optuna.Trial, base: dict[str, Any]) -> dict[str, Any]:
-    grid = feature_grid(base)
-    block = trial.suggest_categorical("block", block_choices(grid))
+    block = trial.suggest_categorical("block", block_choices(feature_grid(base), base["block"]))
     trial.suggest_int("halo", 0, min(4, block))
-    depth = trial.suggest_int("depth", 1, 3)
-    heads = trial.suggest_categorical("heads", [1, 2, 4, 8])
-    trial.suggest_float("lr", 1e-4, 3e-3, log=True)
-    stem = base["channels"][0]
-    return {"channels": channels_for_depth(depth, stem), "heads": [heads] * depth,
-            "kernels": [3] * depth}
+    base_depth = len(base["channels"]) - 1
+    depth = trial.suggest_int("depth", 1, max(3, base_depth))
+    head_scale = trial.suggest_categorical("head_scale", HEAD_SCALES)
+    trial.suggest_float("lr", *lr_range(base["lr"]), log=True)
+    return stages(base, depth, head_scale)
 
 
 def defaults(base: dict[str, Any]) -> dict[str, Any]:
-    """The paper's halo 2 with the preset's block (12 on the paper's 60-cell grid)."""
-    depth = len(base["channels"]) - 1
-    return {"block": min(base["block"], max(block_choices(feature_grid(base)))), "halo": 2,
-            "depth": max(1, min(3, depth)), "heads": 4, "lr": 1e-3}
+    """The base itself (the paper's: block 12, halo 2, 4 stages with heads 4/8/8/8)."""
+    return {"block": base["block"], "halo": base["halo"], "depth": len(base["channels"]) - 1,
+            "head_scale": 1.0, "lr": base["lr"]}
+

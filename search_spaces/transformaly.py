@@ -6,11 +6,15 @@ from typing import Any
 
 import optuna
 
-MAX_SEARCH_DEPTH = 8  # the teacher runs up to the deepest chosen block: keep trials affordable
+from models.transformaly import parse_layers, teacher_depth
+from search_spaces import lr_range, with_choice
+
+DERIVES = {"layer_mode": ("layers",), "first_layer": ("layers",), "last_layer": ("layers",),
+           "use_layer_": ("layers",)}  # use_layer_<i>
 
 
-def space(trial: optuna.Trial, base: dict[str, Any], depth: int | None = None) -> dict[str, Any]:
-    depth = min(depth or _depth(base), MAX_SEARCH_DEPTH)
+def space(trial: optuna.Trial, base: dict[str, Any]) -> dict[str, Any]:
+    depth = teacher_depth(base["arch"])
     mode = trial.suggest_categorical("layer_mode", ["range", "subset"])
     if mode == "range":
         first = trial.suggest_int("first_layer", 0, depth - 1)
@@ -19,21 +23,21 @@ def space(trial: optuna.Trial, base: dict[str, Any], depth: int | None = None) -
     else:
         layers = [i for i in range(depth) if trial.suggest_categorical(f"use_layer_{i}", [True, False])]
         layers = layers or [depth - 1]
-    trial.suggest_float("whitening_threshold", 0.8, 0.99)
+    trial.suggest_float("whitening_threshold", min(0.8, base["whitening_threshold"]),
+                        max(0.99, base["whitening_threshold"]))
     # with a random teacher (offline) the CLS-feature likelihood is near chance: let the search drop it
-    trial.suggest_categorical("pretrained_score_weight", [0.0, 1.0])
-    trial.suggest_float("lr", 1e-4, 3e-3, log=True)
+    trial.suggest_categorical("pretrained_score_weight", with_choice([0.0, 1.0], base["pretrained_score_weight"]))
+    trial.suggest_float("lr", *lr_range(base["lr"]), log=True)
     return {"layers": layers}
 
 
-def _depth(base: dict[str, Any]) -> int:
-    from models.transformaly import Transformaly
-
-    return Transformaly._teacher_depth(base["arch"])
-
-
 def defaults(base: dict[str, Any]) -> dict[str, Any]:
-    """The paper: blocks 2 to the last (of 12), PCA keeping 90 % of the variance."""
-    depth = min(_depth(base), MAX_SEARCH_DEPTH)
-    return {"layer_mode": "range", "first_layer": min(2, depth - 1), "last_layer": depth - 1,
-            "whitening_threshold": 0.9, "pretrained_score_weight": 1.0, "lr": 1e-3}
+    """The base itself (the paper's: students on blocks 2 to 11 of 12, PCA keeping 90 %)."""
+    depth = teacher_depth(base["arch"])
+    layers = list(parse_layers(base["layers"], depth))
+    if layers == list(range(layers[0], layers[-1] + 1)):
+        choice = {"layer_mode": "range", "first_layer": layers[0], "last_layer": layers[-1]}
+    else:
+        choice = {"layer_mode": "subset", **{f"use_layer_{i}": i in layers for i in range(depth)}}
+    return {**choice, "whitening_threshold": base["whitening_threshold"],
+            "pretrained_score_weight": base["pretrained_score_weight"], "lr": base["lr"]}

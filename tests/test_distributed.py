@@ -1,5 +1,6 @@
 """Ray Train + Tune on real local clusters (loopback), the CLIs, resume and the ensemble end to end."""
 
+import dataclasses
 import json
 import os
 import signal
@@ -14,6 +15,8 @@ import pandas as pd
 import pytest
 import ray
 import yaml
+
+from models.training import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--image-size", "64"]
@@ -131,7 +134,8 @@ def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, syntheti
     from distributed.train import Resources, TrainJob, run_training
 
     job = TrainJob(model="hvq_trans", dataset="mvtec", root=str(synthetic_root), classes=["washer"],
-                   model_config={"image_size": 64, "levels": 2, "codebook_size": 16}, epochs=3, batch_size=4)
+                   model_config={"image_size": 64, "levels": 2, "codebook_size": 16},
+                   recipe={**dataclasses.asdict(Recipe()), "epochs": 3, "batch_size": 4})
     storage = tmp_path / "train"
     killed: list = []
     killer = threading.Thread(target=_kill_one_train_worker, args=(storage, killed, time.time() + 300), daemon=True)
@@ -252,8 +256,9 @@ class RecordingSession:
 def diverging_job(synthetic_root, lr):
     from distributed.train import TrainJob
 
-    return TrainJob(model="hvq_trans", dataset="mvtec", root=str(synthetic_root), classes=["washer"], epochs=2,
-                    batch_size=4, lr=lr, model_config={"image_size": 64, "levels": 2, "codebook_size": 16})
+    return TrainJob(model="hvq_trans", dataset="mvtec", root=str(synthetic_root), classes=["washer"],
+                    recipe={**dataclasses.asdict(Recipe()), "epochs": 2, "batch_size": 4, "lr": lr},
+                    model_config={"image_size": 64, "levels": 2, "codebook_size": 16})
 
 
 def test_train_loop_stops_and_reports_a_diverged_run(synthetic_root):

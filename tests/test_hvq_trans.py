@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import socket
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import models.hvq_trans as hvq_trans
 from models import ConfigError, create_model, load_model
 from models.hvq_trans import (RESTART_USAGE, ClassCodebooks, HVQTrans, decoder_memory_groups,
                               prototype_ot_score)
@@ -263,7 +265,59 @@ def test_predict_class_is_the_lowest_quantisation_error():
     images = random_batch(6, seed=10)["image"]
     with torch.no_grad():
         errors = slow_route(model, images)
+    assert not model.prototypes_fitted  # so predict_class falls back to the quantisation rule
     assert torch.equal(model.predict_class(images), errors.argmin(dim=1))
+    assert torch.equal(model.route_by_quantisation(images), errors.argmin(dim=1))
+
+
+def class_batches(classes: int, per_class: int, size: int = 32, seed: int = 0) -> list[dict]:
+    """One batch per class: noise around a colour of that class."""
+    g = torch.Generator().manual_seed(seed)
+    colours = torch.rand(classes, 3, 1, 1, generator=g) * 0.8
+    return [{"image": colours[c] + 0.2 * torch.rand(per_class, 3, size, size, generator=g),
+             "class_index": torch.full((per_class,), c)} for c in range(classes)]
+
+
+def images_quantised(model: HVQTrans, images: torch.Tensor, monkeypatch) -> int:
+    """How many (image, class) pairs ``anomaly_map`` runs through a quantiser, over all levels."""
+    count = 0
+    nearest_codes = hvq_trans.nearest_codes
+
+    def counting(z, codebook):
+        nonlocal count
+        count += z.shape[:-2].numel()  # z is [..., N, D]: one quantisation per leading index
+        return nearest_codes(z, codebook)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(hvq_trans, "nearest_codes", counting)
+        model.anomaly_map(images)
+    return count
+
+
+def test_prototype_routing_quantises_each_image_once(monkeypatch):
+    classes, levels = 4, 3
+    model = tiny_model(num_classes=classes, levels=levels).eval()
+    images = torch.cat([b["image"] for b in class_batches(classes, 2, seed=1)])
+    unfitted = images_quantised(model, images, monkeypatch)
+    assert unfitted == levels * len(images) * (classes + 1)  # routing tries every class, then the map
+    model.fit_statistics(class_batches(classes, 3))
+    assert model.prototypes_fitted and model.class_prototypes.shape == (classes, model.feature_dim)
+    assert images_quantised(model, images, monkeypatch) == levels * len(images)
+
+
+def test_prototypes_are_unit_class_means_and_missing_classes_fall_back():
+    model = tiny_model(num_classes=3).eval()
+    batches = class_batches(3, 4)
+    model.fit_statistics(batches)
+    for c, batch in enumerate(batches):
+        descriptors = torch.nn.functional.normalize(model.extract_features(batch["image"]).mean((2, 3)), dim=1)
+        mean = descriptors.mean(0)
+        assert torch.allclose(model.class_prototypes[c], mean / mean.norm(), atol=1e-6)
+    images = torch.cat([b["image"] for b in class_batches(3, 2, seed=3)])
+    with pytest.warns(UserWarning, match=r"class\(es\) \[2\]"):
+        model.fit_statistics(batches[:2])  # class 2 has no image: no prototype
+    assert not model.prototypes_fitted
+    assert torch.equal(model.predict_class(images), model.route_by_quantisation(images))
 
 
 def test_checkpoint_round_trip_gives_identical_maps(tmp_path):
@@ -272,6 +326,7 @@ def test_checkpoint_round_trip_gives_identical_maps(tmp_path):
     for step in range(2):
         train_step(model, random_batch(2, classes=[0, 1], seed=step), optimizer)
     model.eval()
+    model.fit_statistics(class_batches(2, 3))
     images = random_batch(3, seed=5)["image"]
     scores, maps = model.predict(images)
     model.save(tmp_path / "hvq.pt")
@@ -280,9 +335,15 @@ def test_checkpoint_round_trip_gives_identical_maps(tmp_path):
         loaded = load_model(tmp_path / "hvq.pt").eval()
     assert loaded.config == model.config
     assert torch.equal(loaded.quantizers[2].embed, model.quantizers[2].embed)
+    assert loaded.prototypes_fitted and torch.equal(loaded.class_prototypes, model.class_prototypes)
     loaded_scores, loaded_maps = loaded.predict(images)
     assert torch.equal(loaded_maps, maps) and torch.equal(loaded_scores, scores)
     assert torch.equal(loaded.predict_class(images), model.predict_class(images))
+    # a checkpoint from before routing prototypes loads unfitted: quantisation routing
+    old = {k: v for k, v in model.state_dict().items() if k != "class_prototypes"}
+    loaded.load_state_dict(old)
+    assert not loaded.prototypes_fitted
+    assert torch.equal(loaded.predict_class(images), loaded.route_by_quantisation(images))
 
 
 # ----- EMA under DDP -------------------------------------------------------------------------
@@ -400,7 +461,9 @@ def test_training_on_one_class_learns_to_localise_defects(synthetic_root):
     assert trained >= untrained + 0.15, (untrained, trained)
 
 
-def test_unified_model_routes_validation_normals_to_their_class(synthetic_root):
+@pytest.fixture(scope="module")
+def unified(synthetic_root):
+    """A unified model trained 2 epochs on three synthetic classes, its splits and train loader."""
     from anomaly_data import prepare_splits
 
     names = ["brick", "washer", "pill"]
@@ -412,11 +475,19 @@ def test_unified_model_routes_validation_normals_to_their_class(synthetic_root):
     optimizer = make_optimizer(model, lr=5e-3)
     for _ in range(2):
         train_epoch(model, loader, optimizer)
-    model.eval()
+    return model.eval(), splits, loader
+
+
+def validation_images(splits, normal_only: bool) -> tuple[torch.Tensor, torch.Tensor]:
     items = [splits.validation[i] for i in range(len(splits.validation))]
-    normals = [item for item in items if item["label"] == 0]
-    images = torch.stack([item["image"] for item in normals])
-    truth = torch.tensor([item["class_index"] for item in normals])
+    items = [item for item in items if item["label"] == 0 or not normal_only]
+    return torch.stack([item["image"] for item in items]), torch.tensor([item["class_index"] for item in items])
+
+
+def test_unified_model_routes_validation_normals_to_their_class(unified):
+    model, splits, _ = unified
+    assert not model.prototypes_fitted  # the quantisation rule
+    images, truth = validation_images(splits, normal_only=True)
     assert set(truth.tolist()) == {0, 1, 2}
     predicted = model.predict_class(images)
     accuracy = (predicted == truth).float().mean().item()
@@ -424,3 +495,18 @@ def test_unified_model_routes_validation_normals_to_their_class(synthetic_root):
     # the maps use the predicted codebooks: the same as passing the true class when routing is right
     right = predicted == truth
     assert torch.allclose(model.anomaly_map(images[right]), model.anomaly_map(images[right], truth[right]))
+
+
+def test_prototype_routing_agrees_with_quantisation_and_the_true_class(unified):
+    model, splits, loader = unified
+    model = copy.deepcopy(model)
+    model.fit_statistics(loader)
+    assert model.prototypes_fitted
+    images, truth = validation_images(splits, normal_only=False)  # defective images too
+    assert set(truth.tolist()) == {0, 1, 2}
+    by_prototype, by_quantisation = model.predict_class(images), model.route_by_quantisation(images)
+    accuracy = (by_prototype == truth).float().mean().item()
+    assert accuracy >= 0.9, (accuracy, by_prototype.tolist(), truth.tolist())
+    agreement = model.routing_agreement(images)
+    assert agreement == (by_prototype == by_quantisation).float().mean().item()
+    assert agreement >= 0.9, (agreement, by_prototype.tolist(), by_quantisation.tolist())

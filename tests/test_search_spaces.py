@@ -1,33 +1,73 @@
-"""Each search space alone (no Ray): paper defaults first, every sample builds a valid model."""
+"""Each search space alone (no Ray): the first point is the preset, every sample builds a valid model."""
 
+import dataclasses
 import warnings
 
 import optuna
 import pytest
 
+from distributed.spec import SpecError, build_spec
 from distributed.train import job_from_trial_config
-from search_spaces import base_config, get_space
+from distributed.spec import spec_job
+from models import model_class
+from models.transformaly import parse_layers
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
+MODELS = ["haloae", "hvq_trans", "transformaly", "patchcore"]
 
 
-@pytest.mark.parametrize("model", ["haloae", "hvq_trans", "transformaly", "patchcore"])
+def spec_of(model, preset="fast", overrides=None, n_train=40):
+    return build_spec(f"{model}-c", model, ("c",), preset, dict(overrides or {}), n_train)
+
+
+def canonical(model, config):
+    out = {k: (list(v) if isinstance(v, tuple) else v) for k, v in config.items()}
+    if model == "transformaly":
+        from models.transformaly import teacher_depth
+
+        out["layers"] = list(parse_layers(config["layers"], teacher_depth(config["arch"])))
+    return out
+
+
+@pytest.mark.parametrize("preset", ["fast", "paper"])
+@pytest.mark.parametrize("model", MODELS)
+def test_the_first_point_is_the_preset_field_by_field(model, preset):
+    spec = spec_of(model, preset)
+    space, points = spec.space()
+    trial = optuna.trial.FixedTrial(points[0])
+    job = job_from_trial_config(spec_job(spec, "mvtec", "unused"), {**points[0], **space(trial)})
+    preset_config = dataclasses.asdict(model_class(model).config_class(**model_class(model).presets[preset]))
+    assert canonical(model, job.model_config) == canonical(model, preset_config)
+    recipe = model_class(model).recipe(preset)
+    assert job.lr == recipe.lr and job.batch_size == recipe.batch_size
+    assert job.training_recipe().optimizer == recipe.optimizer
+
+
+def test_the_paper_recipes_are_the_papers():
+    halo, hvq, vit = (model_class(m).recipe("paper") for m in ("haloae", "hvq_trans", "transformaly"))
+    assert (halo.lr, halo.batch_size, halo.optimizer, halo.epochs, halo.samples_per_epoch) == (1e-4, 4, "adam", 251, 3000)
+    assert (hvq.lr, hvq.weight_decay, hvq.grad_clip, hvq.lr_step_epochs, hvq.epochs) == (1e-4, 1e-4, 0.1, 800, 1000)
+    assert (vit.lr, vit.batch_size, vit.epochs) == (1e-4, 32, 30)
+    # HaloAE counts 3000 samples per epoch: 251 x 3000 samples over 200 images are 3765 passes
+    assert spec_of("haloae", "paper", n_train=200).recipe.epochs == 3765
+    assert build_spec("k", "haloae", ("c",), "paper", {}, 200, epochs_cap=5).recipe.epochs == 5
+    assert spec_of("transformaly", "paper").recipe.epochs == 30
+
+
+@pytest.mark.parametrize("model", MODELS)
 def test_space_samples_build_valid_models(model):
-    overrides = {"image_size": 64}
-    base = base_config(model, "fast", overrides)
-    space, points = get_space(model, base)
+    spec = spec_of(model, overrides={"image_size": 64})
+    space, points = spec.space()
     study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0))
     for point in points:
         study.enqueue_trial(point)
-    job_base = {"model": model, "dataset": "mvtec", "root": "unused", "classes": ["c"], "preset": "fast",
-                "model_config": overrides}
     seen = []
     for i in range(6):
         trial = study.ask()
         constants = space(trial)
         if i == 0:
-            assert trial.params == points[0]                     # the paper's setting comes first
-        job = job_from_trial_config(job_base, {**trial.params, **constants})
+            assert trial.params == points[0]                     # the preset's point comes first
+        job = job_from_trial_config(spec_job(spec, "mvtec", "unused"), {**trial.params, **constants})
         assert job.lr == trial.params.get("lr", job.lr)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -37,10 +77,40 @@ def test_space_samples_build_valid_models(model):
     assert len({str(s) for s in seen}) > 1                       # the space does vary the model
 
 
-def test_haloae_blocks_fit_the_feature_grid():
+@pytest.mark.parametrize("model,pinned", [("haloae", {"halo": 3, "channels": [64, 48, 32, 16],
+                                                      "heads": [2, 2, 2], "kernels": [3, 3, 3]}),
+                                          ("hvq_trans", {"levels": 2, "lr": 5e-4}),
+                                          ("transformaly", {"layers": [1, 4]})])
+def test_a_field_fixed_with_set_is_never_sampled(model, pinned):
+    spec = spec_of(model, overrides={"image_size": 64, **pinned})
+    space, _ = spec.space()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    for _ in range(8):
+        trial = study.ask()
+        job = job_from_trial_config(spec_job(spec, "mvtec", "unused"), {**trial.params, **space(trial)})
+        values = {**job.model_config, "lr": job.lr}
+        for key, value in pinned.items():
+            got = values[key]
+            assert (list(got) if isinstance(got, tuple) else got) == value, key
+        study.tell(trial, 0.5)
+
+
+def test_the_papers_halo_block_is_a_choice_on_its_grid():
     from search_spaces.haloae import block_choices
 
-    assert block_choices(16) == [2, 4, 8, 16] and block_choices(60) == [2, 4, 6, 10, 12]
+    assert 12 in block_choices(64, 12)                          # 256 px / stride 4: the paper's block
+    assert block_choices(16) == [2, 4, 6, 8, 10, 12, 16] and block_choices(8, 8) == [2, 4, 6, 8]
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    ({"halo": "big"}, "haloae.halo"), ({"blocks": 3}, "no key 'blocks'"), ({"halo": 40}, "halo=40")])
+def test_bad_values_are_refused_with_the_option_named(overrides, expected):
+    from distributed.spec import parse_sets
+
+    items = [f"haloae.{k}={v}" for k, v in overrides.items()]
+    with pytest.raises(SpecError, match=expected):
+        sets = parse_sets(items, ["haloae"])
+        spec_of("haloae", overrides=sets["haloae"])
 
 
 def test_the_papers_setting_is_kept_unless_beaten_by_the_margin(tmp_path):
