@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from anomaly_data import DATASET_KINDS, DatasetError, read_dataset
+from anomaly_data.checks import check_dataset
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
 
 DRIVER_CPU = 0.1  # a trial only drives Train workers: a fraction of a CPU is enough
@@ -97,8 +98,10 @@ def resolve_dataset(args) -> tuple[str, Path, dict]:
     root = Path(root).expanduser().resolve()
     try:
         found = read_dataset(kind, root, classes, seed=args.seed)
+        checked = check_dataset(found, skip_bad=args.skip_bad_images)
     except DatasetError as err:
         raise CliError(str(err)) from None
+    print(f"[data] {root}: {checked.summary()}", flush=True)
     return kind, root, found
 
 

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models import model_names
+from models import model_class, model_names
 from distributed.spec import SpecError, build_specs
 from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, prepare_run,
                              spec_jobs, split_list, start_ray, trial_placement, write_json)
@@ -225,8 +225,23 @@ def print_specs(specs: dict) -> None:
         seen.add(spec.model)
         r = spec.recipe
         pinned = f", fixed {sorted(spec.pinned)}" if spec.pinned else ""
-        print(f"[tune] {spec.model}: preset {spec.preset}, {spec.epochs_note}, batch {r.batch_size}, "
-              f"{r.optimizer} lr {r.lr:g} (searched around it){pinned}", flush=True)
+        training = f", {r.optimizer} lr {r.lr:g} (searched around it)" if model_class(spec.model).trains else ""
+        print(f"[tune] {spec.model}: preset {spec.preset}, {spec.epochs_note}, batch {r.batch_size}"
+              f"{training}{pinned}", flush=True)
+
+
+def first_failure(trials_csv: Path) -> str:
+    """The cause of the first failed trial in ``trials.csv``, for the final error message."""
+    import pandas as pd
+
+    if not trials_csv.is_file():
+        return "no trial ran (see the log above)"
+    rows = pd.read_csv(trials_csv)
+    failed = rows[rows["status"] == "error"] if "status" in rows else rows.iloc[:0]
+    if failed.empty:
+        return f"no trial reported a validation score (see {trials_csv})"
+    row = failed.iloc[0]
+    return f"the first failure ({row['model']} on {row['classes']}): {row['error']} (all in {trials_csv})"
 
 
 def load_done(run_dir: Path) -> dict[str, Any]:
@@ -282,7 +297,7 @@ def main(argv=None) -> int:
     print("\nBest validation scores (validation = held-out normals + synthetic defects):")
     print(format_table(index), flush=True)
     if not index:
-        print("error: no trial of any study succeeded (see trials.csv, column error)", file=sys.stderr)
+        print(f"error: no trial of any study succeeded; {first_failure(ctx.run_dir / 'trials.csv')}", file=sys.stderr)
         return 1
     if not args.no_ensemble:
         from anomaly_data import DatasetError

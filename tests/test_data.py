@@ -335,3 +335,113 @@ def test_surfaces_family_masks_mark_every_visible_change(tmp_path):
     r = subprocess.run([sys.executable, "-m", "anomaly_data.synthetic", str(out), "--family", "surfaces",
                         "--classes", "brick"], capture_output=True, text=True)
     assert r.returncode == 2 and "in family 'surfaces'" in r.stderr
+
+
+# ---- checks before the run (anomaly_data.checks) ----
+
+def png_bytes(h, w, seed=0):
+    import io
+    buf = io.BytesIO()
+    Image.fromarray(rgb(h, w, seed)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_check_masks_refuses_a_mask_of_the_wrong_size(tmp_path):
+    from anomaly_data.checks import check_dataset, check_masks
+    c = make_mvtec(tmp_path)
+    assert check_masks(read_mvtec(tmp_path)["bottle"].test) == 1
+    save(c / "ground_truth/crack/000_mask.png", np.zeros((20, 30), np.uint8))
+    found = read_mvtec(tmp_path)
+    with pytest.raises(DatasetError) as err:
+        check_dataset(found)
+    msg = str(err.value)
+    assert f"mask {c / 'ground_truth/crack/000_mask.png'} is 30x20" in msg
+    assert f"its image {c / 'test/crack/000.png'} is 50x40" in msg
+    assert "1 ground-truth mask(s)" in msg and "resize each mask" in msg.lower()
+
+
+def test_check_masks_missing_unreadable_and_many_offenders(tmp_path):
+    from anomaly_data import ImageRecord
+    from anomaly_data.checks import SHOWN, check_masks
+    image = tmp_path / "img.png"
+    save(image, rgb(10, 10))
+    text = tmp_path / "text_mask.png"
+    text.write_text("not a mask")
+    gone = ImageRecord(image, "c", "test", 1, "hole", tmp_path / "gone_mask.png")
+    with pytest.raises(DatasetError, match=r"mask .*gone_mask.png does not exist \(the mask of image .*img.png\)"):
+        check_masks([gone])
+    bad = [ImageRecord(image, "c", "test", 1, "hole", text)] * (SHOWN + 2)
+    with pytest.raises(DatasetError) as err:
+        check_masks(bad)
+    msg = str(err.value)
+    assert msg.startswith(f"{SHOWN + 2} ground-truth mask(s)") and "... and 2 more" in msg
+    assert msg.count("cannot read mask") == SHOWN and "img.png" in msg
+
+
+def test_verify_refuses_truncated_and_non_image_files_or_skips_them(tmp_path):
+    from anomaly_data.checks import check_dataset
+    c = make_mvtec(tmp_path)
+    truncated, fake = c / "train/good/003.png", c / "train/good/004.png"
+    data = png_bytes(40, 50, 7)
+    truncated.write_bytes(data[: len(data) // 2])
+    fake.write_text("this is not an image")
+    found = read_mvtec(tmp_path)
+    with pytest.raises(DatasetError) as err:
+        check_dataset(found)
+    msg = str(err.value)
+    assert msg.startswith("2 image file(s) cannot be read")
+    assert f"train image {truncated}" in msg and f"train image {fake}" in msg and "--skip-bad-images" in msg
+    result = check_dataset(found, skip_bad=True)
+    assert sorted(result.bad) == sorted([truncated, fake])
+    assert result.checked == 7 and result.unchecked == []
+    assert "2 unreadable training image(s) will be skipped" in result.summary()
+
+
+def test_verify_never_skips_a_bad_test_image(tmp_path):
+    from anomaly_data.checks import check_dataset
+    c = make_mvtec(tmp_path)
+    jpg = c / "test/good/001.jpg"
+    Image.fromarray(rgb(40, 50, 8)).save(jpg, quality=95)
+    data = jpg.read_bytes()
+    jpg.write_bytes(data[: len(data) * 2 // 3])  # JPEG verify() alone would not see this
+    with pytest.raises(DatasetError, match=r"(?s)test image .*001.jpg .*test images cannot be skipped"):
+        check_dataset(read_mvtec(tmp_path), skip_bad=True)
+
+
+def test_verify_every_training_image_bad_is_refused(tmp_path):
+    from anomaly_data.checks import check_dataset
+    c = make_mvtec(tmp_path)
+    for p in (c / "train/good").iterdir():
+        p.write_bytes(b"junk")
+    with pytest.raises(DatasetError, match="every training image of class 'bottle' is unreadable"):
+        check_dataset(read_mvtec(tmp_path), skip_bad=True)
+
+
+def test_check_dataset_passes_a_clean_dataset(tmp_path):
+    from anomaly_data.checks import check_dataset
+    c = make_mvtec(tmp_path)
+    Image.fromarray(rgb(40, 50, 9)).save(c / "train/good/003.jpg", quality=90)
+    padded = c / "train/good/004.jpg"
+    Image.fromarray(rgb(40, 50, 10)).save(padded, quality=90)
+    padded.write_bytes(padded.read_bytes() + b"\x00" * 100 + b"trailer")  # loads fine: must pass
+    found = read_mvtec(tmp_path)
+    result = check_dataset(found)
+    assert result.checked == 7 and result.bad == [] and result.unchecked == [] and result.seconds >= 0
+    assert "checked 7 image(s)" in result.summary() and "not checked" not in result.summary()
+    load_records(found["bottle"].train, ["bottle"], 16)  # what passed really loads
+
+
+def test_verify_time_bound_stops_early(tmp_path, monkeypatch):
+    from anomaly_data import checks
+    make_mvtec(tmp_path)
+    found = read_mvtec(tmp_path)
+    recs = found["bottle"]
+    result = checks.check_dataset(found, time_limit_s=0)
+    assert result.checked == 0 and len(result.unchecked) == 5
+    assert "5 image(s) not checked before the run" in result.summary()
+    ticks = iter(range(100))
+    monkeypatch.setattr(checks, "monotonic", lambda: float(next(ticks)))  # one second per call
+    (recs.test[1].path).write_bytes(b"broken, but past the bound")
+    result = checks.verify_images(recs.test + recs.train, time_limit_s=2.5)
+    assert result.checked == 2  # training images first
+    assert result.unchecked == [r.path for r in recs.train[2:] + recs.test]

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pandas as pd
 import pytest
 import ray
 import yaml
+from PIL import Image
 
 from models.training import Recipe
 
@@ -180,11 +182,45 @@ def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
     assert (run / "best" / "hvq_trans" / "pill" / "model.pt").is_file()
 
 
+def ray_sessions() -> set[str]:
+    """Ray's session folders: a new one appears whenever a Ray instance starts on this machine."""
+    return {p.name for p in Path("/tmp/ray").glob("session_2*")}
+
+
+def broken_copy(synthetic_root, tmp_path, name, damage):
+    """A copy of the synthetic class washer, damaged by ``damage(class_dir)`` -> the damaged file."""
+    root = tmp_path / name
+    shutil.copytree(synthetic_root / "washer", root / "washer")
+    return root, damage(root / "washer")
+
+
+def mask_of_wrong_size(class_dir):
+    mask = sorted((class_dir / "ground_truth").rglob("*.png"))[0]
+    Image.open(mask).resize((10, 12)).save(mask)
+    return mask
+
+
+def truncated_training_image(class_dir):
+    image = sorted((class_dir / "train" / "good").glob("*.png"))[3]
+    image.write_bytes(image.read_bytes()[:200])
+    return image
+
+
 def test_cli_rejects_bad_input_before_ray_starts(tmp_path, synthetic_root):
     used = tmp_path / "used"
     used.mkdir()
     (used / "config.json").write_text("{}")
+    bad_mask_root, bad_mask = broken_copy(synthetic_root, tmp_path, "masks", mask_of_wrong_size)
+    bad_image_root, bad_image = broken_copy(synthetic_root, tmp_path, "images", truncated_training_image)
+    data = ["--dataset", "mvtec", "--root", str(synthetic_root)]
     cases = [
+        ([*data, "--preset", "papr"], "--preset 'papr'"),
+        ([*data, "--set", "haloae.blocks=3"], "haloae has no key 'blocks'"),
+        ([*data, "--set", "haloae.halo=big"], "--set haloae.halo=\"big\": expected an integer"),
+        ([*data, "--set", "halo=3"], "expected MODEL.KEY=VALUE"),
+        ([*data, "--set", "haloae.halo=9", "--set", "haloae.block=4"], "halo=9 exceeds block=4"),
+        (["--dataset", "mvtec", "--root", str(bad_mask_root)], str(bad_mask)),
+        (["--dataset", "mvtec", "--root", str(bad_image_root)], str(bad_image)),
         (["--models", "padim"], "unknown model(s) ['padim']"),
         (["--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "teapot"], "unknown class(es) ['teapot']"),
         (["--dataset", "mvtec", "--root", str(tmp_path)], "no class folder found"),
@@ -199,10 +235,21 @@ def test_cli_rejects_bad_input_before_ray_starts(tmp_path, synthetic_root):
     for extra, message in cases:
         started = time.time()
         run_dir = [] if "--run-dir" in extra else ["--run-dir", str(tmp_path / "r")]
+        sessions = ray_sessions()
         out = run_cli(["-m", "distributed.tune", *run_dir, *extra], timeout=120)
         assert out.returncode == 2 and message in out.stderr, (extra, out.stderr[-2000:])
         assert "Traceback" not in out.stderr
+        assert ray_sessions() == sessions, extra                      # Ray never started
         assert time.time() - started < 60
+    # distributed.train has the same checks and the same --set syntax
+    for extra, message in [(["--set", "halo=3"], "expected MODEL.KEY=VALUE"),
+                           (["--preset", "papr"], "--preset 'papr'"),
+                           (["--set", "haloae.halo=big"], "expected an integer")]:
+        sessions = ray_sessions()
+        out = run_cli(["-m", "distributed.train", "--model", "haloae", *data, "--run-dir", str(tmp_path / "t"), *extra],
+                      timeout=120)
+        assert out.returncode == 2 and message in out.stderr, (extra, out.stderr[-2000:])
+        assert ray_sessions() == sessions, extra
 
 
 def test_help_documents_every_option():
