@@ -144,7 +144,8 @@ def restore_checkpoint(checkpoint, model, optimizer) -> int:
         saved = load_model(Path(d) / CHECKPOINT_MODEL)
         unwrap(model).load_state_dict(saved.state_dict())
         state = torch.load(Path(d) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
-    optimizer.load_state_dict(state["optimizer"])
+    if state.get("optimizer") is not None:  # emptied once a trial ended (distributed.checkpoints)
+        optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])
     return int(state["epoch"]) + 1
 

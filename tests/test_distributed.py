@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import ray
+import torch
 import yaml
 from PIL import Image
 
@@ -353,3 +354,43 @@ def test_the_watchdog_lists_and_removes_a_real_orphaned_group(local_ray):
     while time.time() < deadline and any(g.id == group.id.hex() for g in job_groups()):
         time.sleep(0.5)
     assert not any(g.id == group.id.hex() for g in job_groups())
+
+
+PAPER_MODELS = ("haloae", "hvq_trans", "transformaly", "patchcore")
+
+
+def test_every_model_runs_at_its_paper_preset_to_the_ensemble_table(tmp_path):
+    """The README's cluster job in miniature: --preset paper (random weights: offline), the
+    papers' input sizes (256, 224, 384, 224 px), one trial of one epoch per model."""
+    from anomaly_data.synthetic import generate_dataset
+    from distributed.spec import build_spec
+    from models import load_model
+
+    root = generate_dataset(tmp_path / "data", classes=["brick"], seed=0, image_size=384, n_train=5,
+                            n_test_good=1, n_test_per_defect=1)
+    run = tmp_path / "run"
+    weights = [arg for m in PAPER_MODELS for arg in ("--set", f"{m}.weights=none")]
+    out = run_cli(["-m", "distributed.tune", "--dataset", "mvtec", "--root", str(root), "--preset", "paper",
+                   *weights, "--trials", "1", "--epochs", "1", "--run-dir", str(run)], timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    results = pd.read_csv(run / "results.csv")
+    assert set(PAPER_MODELS) | {"ensemble"} <= set(results["member"])
+    trials = pd.read_csv(run / "trials.csv")
+    for model in PAPER_MODELS:
+        spec = build_spec(f"{model}-brick", model, ("brick",), "paper", {"weights": "none"}, n_train=4)
+        first = trials[trials["model"] == model].iloc[0]
+        for name, value in spec.first_point().items():        # the trial ran the paper's point
+            got = first[f"config/{name}"]
+            assert (got == value) if isinstance(value, str) else float(got) == pytest.approx(float(value)), name
+        net = load_model(run / "best" / model / "brick" / "model.pt")
+        expected = dict(spec.model_config)
+        if model == "transformaly":                              # "2-11" was built as blocks 2..11
+            expected["layers"] = list(range(2, 12))
+        assert net.config_dict() == expected                     # ... and built the paper's model
+        saved = torch.load(run / "best" / model / "brick" / "model.pt", weights_only=False)
+        assert not set(saved["state_dict"]) & net.frozen_state_keys()   # no frozen tensor was written
+    ensemble = json.loads((run / "ensemble" / "ensemble.json").read_text())
+    files = [f for c in ensemble["classes"].values() for f in c["member_files"].values()]
+    assert files and all(f.startswith("../best/") for f in files)      # one copy, referred to
+    assert not (run / "ensemble" / "members").exists()
+    assert not list((run / "tune").rglob("checkpoint_*"))             # finished studies keep best/ only
