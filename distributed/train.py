@@ -39,6 +39,7 @@ MODE = "max"
 CHECKPOINT_MODEL = "model.pt"
 CHECKPOINT_STATE = "state.pt"
 DIVERGED_FILE = "DIVERGED"
+ROUTING_CHECK_IMAGES = 32  # validation images on which prototype routing is checked each epoch
 PLACEMENT_GROUP_KEY = "placement_group"  # reported by Ray Train workers: their worker group's
 
 
@@ -125,7 +126,11 @@ def validation_metrics(model, validation, device, batch_size: int) -> dict[str, 
     out = score_loader(model, DataLoader(validation, batch_size=batch_size), device)
     img = image_auroc(out["scores"], out["labels"])
     pix = pixel_auroc(out["maps"], out["masks"])
-    return {"val_image_auroc": img, "val_pixel_auroc": pix, METRIC: (img + pix) / 2}
+    metrics = {"val_image_auroc": img, "val_pixel_auroc": pix, METRIC: (img + pix) / 2}
+    if getattr(model.config, "num_classes", 1) > 1:  # a unified HVQ-Trans: cheap routing vs the full rule
+        images = next(iter(DataLoader(validation, batch_size=ROUTING_CHECK_IMAGES, shuffle=False)))["image"]
+        metrics["val_routing_agreement"] = model.routing_agreement(images.to(device))
+    return metrics
 
 
 def save_checkpoint(directory: Path, model, optimizer, epoch: int, metrics: dict[str, float], job: TrainJob):

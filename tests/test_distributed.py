@@ -322,6 +322,19 @@ def test_train_loop_stops_and_reports_a_diverged_run(synthetic_root):
     assert all(m["diverged"] == 0 and "model.pt" in f for m, f in session.reports)
 
 
+def test_a_unified_hvq_trans_reports_how_often_cheap_routing_agrees_with_the_full_rule(synthetic_root):
+    from distributed.spec import build_spec, spec_job
+    from distributed.train import TrainJob, train_loop
+
+    spec = build_spec("u", "hvq_trans", ("washer", "pill"), "fast",
+                      {"image_size": 64, "levels": 2, "codebook_size": 16}, n_train=40, epochs_cap=1)
+    assert spec.model_config["num_classes"] == 2                  # one codebook set per class
+    session = RecordingSession()
+    assert train_loop(TrainJob.from_dict(spec_job(spec, "mvtec", str(synthetic_root))), session)
+    (metrics, _), = session.reports
+    assert 0.0 <= metrics["val_routing_agreement"] <= 1.0
+
+
 def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root, local_ray):
     from ray import tune
 
