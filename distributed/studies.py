@@ -15,7 +15,6 @@ trials to learn from.
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import logging
