@@ -30,43 +30,44 @@ def model_fields(model: str) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(model_class(model).config_class)}
 
 
-def _default(f: dataclasses.Field):
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+def coerce(option: str, value: Any, annotation: str) -> Any:
+    """``value`` (JSON-parsed from the command line) as a field annotated ``annotation``
+    ("int", "float | None", "tuple[int, ...]", ...); other annotations ("Any") are free-form and
+    left to the model's own checks."""
+    kinds = {part.strip() for part in str(annotation).split("|")}
+    if value is None and "None" in kinds:
+        return None
+    kind = next(iter(kinds - {"None"}), "Any").split("[")[0]
 
+    def bad(expected: str) -> SpecError:
+        return SpecError(f"{option}={json.dumps(value)}: expected {expected}")
 
-def coerce(option: str, value: Any, default: Any) -> Any:
-    """``value`` (JSON-parsed from the command line) as the type of the field's ``default``."""
-    def bad(kind: str) -> SpecError:
-        return SpecError(f"{option}={json.dumps(value)}: expected {kind}")
-
-    if isinstance(default, bool):
+    if kind == "bool":
         if isinstance(value, bool):
             return value
         raise bad("true or false")
-    if isinstance(default, int):
+    if kind == "int":
         if isinstance(value, int) and not isinstance(value, bool):
             return value
         raise bad("an integer")
-    if isinstance(default, float):
+    if kind == "float":
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             return float(value)
         raise bad("a number")
-    if isinstance(default, tuple):
+    if kind == "tuple":
         if isinstance(value, (list, tuple)):
             return tuple(value)
         raise bad("a JSON list, e.g. [1,2]")
-    if isinstance(default, str) and not isinstance(value, str):
+    if kind == "str" and not isinstance(value, str):
         raise bad("a string")
-    return value  # free-form fields (None defaults, "2-11"-or-list layer specs): the model checks them
+    return value
 
 
 def parse_sets(items: list[str], models: list[str]) -> dict[str, dict[str, Any]]:
     """``["haloae.halo=3", "hvq_trans.lr=1e-4"]`` -> ``{"haloae": {"halo": 3}, "hvq_trans": {"lr": 1e-4}}``,
     each value of its field's type; a key is a model-config field or a recipe field."""
     out: dict[str, dict[str, Any]] = {m: {} for m in models}
-    recipe_defaults = dataclasses.asdict(Recipe())
+    recipe = {f.name: f for f in dataclasses.fields(Recipe)}
     for item in items:
         key, eq, text = item.partition("=")
         model, dot, name = key.strip().partition(".")
@@ -79,13 +80,10 @@ def parse_sets(items: list[str], models: list[str]) -> dict[str, dict[str, Any]]
         except json.JSONDecodeError:
             value = text
         fields = model_fields(model)
-        if name in fields:
-            out[model][name] = coerce(f"--set {key}", value, _default(fields[name]))
-        elif name in recipe_defaults:
-            out[model][name] = coerce(f"--set {key}", value, recipe_defaults[name])
-        else:
+        if name not in fields and name not in recipe:
             raise SpecError(f"--set {key}: {model} has no key {name!r}; model keys: {sorted(fields)}; "
-                            f"training keys: {sorted(recipe_defaults)}")
+                            f"training keys: {sorted(recipe)}")
+        out[model][name] = coerce(f"--set {key}", value, (fields.get(name) or recipe[name]).type)
     return out
 
 
@@ -166,7 +164,7 @@ def build_spec(key: str, model: str, classes: tuple[str, ...], preset: str, over
         raise SpecError(f"--preset {preset!r}: {model} has no such preset; choose one of {sorted(cls.presets)}")
     fields = model_fields(model)
     values = {**cls.presets[preset], **{k: v for k, v in overrides.items() if k in fields}}
-    pinned = frozenset(k for k in overrides if k in fields) | frozenset(k for k in overrides if k == "lr")
+    pinned = frozenset(k for k in overrides if k in fields or k == "lr")  # lr: the one searched recipe field
     if len(classes) > 1 and "num_classes" in fields and "num_classes" not in overrides:
         values["num_classes"] = len(classes)  # a unified model: one codebook set per class (HVQ-Trans)
     config = check_model_config(model, values, f"{model} with --preset {preset}")

@@ -335,6 +335,15 @@ def test_a_unified_hvq_trans_reports_how_often_cheap_routing_agrees_with_the_ful
     assert 0.0 <= metrics["val_routing_agreement"] <= 1.0
 
 
+def test_a_run_in_which_every_trial_failed_exits_1_with_the_first_cause(tmp_path, synthetic_root):
+    out = run_cli(["-m", "distributed.tune", "--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "washer",
+                   "--models", "hvq_trans", "--trials", "1", "--epochs", "1", "--set", "hvq_trans.lr=1e30", *SMALL,
+                   "--run-dir", str(tmp_path / "run")], timeout=600)
+    assert out.returncode == 1, out.stderr[-2000:]
+    last = out.stderr.strip().splitlines()[-1]
+    assert "no trial of any study succeeded" in last and "hvq_trans on washer" in last and "diverged" in last, last
+
+
 def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root, local_ray):
     from ray import tune
 

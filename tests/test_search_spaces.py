@@ -1,6 +1,7 @@
 """Each search space alone (no Ray): the first point is the preset, every sample builds a valid model."""
 
 import dataclasses
+import json
 import warnings
 
 import optuna
@@ -82,7 +83,10 @@ def test_space_samples_build_valid_models(model):
                                           ("hvq_trans", {"levels": 2, "lr": 5e-4}),
                                           ("transformaly", {"layers": [1, 4]})])
 def test_a_field_fixed_with_set_is_never_sampled(model, pinned):
-    spec = spec_of(model, overrides={"image_size": 64, **pinned})
+    from distributed.spec import parse_sets
+
+    sets = parse_sets([f"{model}.{k}={json.dumps(v)}" for k, v in {"image_size": 64, **pinned}.items()], [model])
+    spec = spec_of(model, overrides=sets[model])
     space, _ = spec.space()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(8):
