@@ -33,10 +33,12 @@ def trial_rows(grid, model: str | None = None) -> list[dict]:
     for result in grid:
         cfg = result.config or {}
         metrics = result.metrics or {}
+        error = root_cause(result.error) if result.error else ""
+        if not error and metrics.get("diverged"):  # stopped at its last report (ASHA's max_t) before it could raise
+            error = f"TrialDiverged: the training loss became NaN/inf at epoch {metrics.get('epoch')}"
         row = {"model": cfg.get("model", model), "classes": group_key(cfg.get("classes", [])),
                "trial_id": metrics.get("trial_id", Path(result.path).name if result.path else ""),
-               "status": "error" if result.error else "ok",
-               "error": root_cause(result.error) if result.error else ""}
+               "status": "error" if error else "ok", "error": error}
         found = best_reported(result)
         row["best_val_score"] = found[0] if found else float("nan")  # the other val_* are the last epoch's
         for k, v in metrics.items():

@@ -175,7 +175,8 @@ def build_spec(key: str, model: str, classes: tuple[str, ...], preset: str, over
 
 
 def check_first_point(spec: StudySpec) -> None:
-    """The first point lies in its space and reproduces the fixed config, field by field."""
+    """The first point lies in its space and builds a config the model accepts (that it is the
+    fixed config field by field is tests/test_search_spaces.py's check, for every preset)."""
     import optuna
 
     space, points = spec.space()

@@ -148,8 +148,10 @@ def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, syntheti
     assert killed, "no worker was killed: the test did not exercise a failure"
     assert result.error is None
     assert result.metrics["epoch"] == 3
+    # Train keeps the two best checkpoints (metrics_dataframe lists them in score order): a run
+    # restarted from scratch instead of its checkpoint would report an epoch twice
     epochs = list(result.metrics_dataframe["epoch"])
-    assert epochs == sorted(set(epochs)) and epochs[-1] == 3   # resumed from its checkpoint: no epoch twice
+    assert len(epochs) == len(set(epochs)) and set(epochs) <= {1, 2, 3}
 
 
 def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
@@ -181,6 +183,9 @@ def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
     assert len(trials) == 3 and (trials["status"] == "ok").all()
     assert first_done.read_text().count("\n") == lines_before  # the finished trial was not run again
     assert (run / "best" / "hvq_trans" / "pill" / "model.pt").is_file()
+
+
+AFTER_RAY_STARTS = object()
 
 
 def ray_sessions() -> set[str]:
@@ -227,20 +232,24 @@ def test_cli_rejects_bad_input_before_ray_starts(tmp_path, synthetic_root):
         (["--dataset", "mvtec", "--root", str(tmp_path)], "no class folder found"),
         (["--dataset", "visa", "--root", str(tmp_path)], "is not a VisA root"),
         (["--dataset", "mvtec", "--root", str(synthetic_root), "--address", "127.0.0.1:1"], "cannot reach the Ray head"),
-        (["--dataset", "mvtec", "--root", str(synthetic_root), "--workers", "5"], "lower --workers"),
+        (["--dataset", "mvtec", "--root", str(synthetic_root), "--workers", "5"], AFTER_RAY_STARTS),
         (["--dataset", "mvtec", "--root", str(synthetic_root), "--workers", "0"], "--workers must be >= 1"),
         (["--max-concurrent-per-study", "0"], "--max-concurrent-per-study must be >= 1"),
         (["--stall-timeout", "0"], "--stall-timeout must be > 0"),
         (["--dataset", "mvtec", "--root", str(synthetic_root), "--run-dir", str(used)], "already holds a run"),
     ]
     for extra, message in cases:
+        if message is AFTER_RAY_STARTS:  # what one trial needs is checked against the cluster Ray reports
+            message, ray_may_start = "lower --workers", True
+        else:
+            ray_may_start = False
         started = time.time()
         run_dir = [] if "--run-dir" in extra else ["--run-dir", str(tmp_path / "r")]
         sessions = ray_sessions()
         out = run_cli(["-m", "distributed.tune", *run_dir, *extra], timeout=120)
         assert out.returncode == 2 and message in out.stderr, (extra, out.stderr[-2000:])
         assert "Traceback" not in out.stderr
-        assert ray_sessions() == sessions, extra                      # Ray never started
+        assert ray_may_start or ray_sessions() == sessions, extra     # Ray never started
         assert time.time() - started < 60
     # distributed.train has the same checks and the same --set syntax
     for extra, message in [(["--set", "halo=3"], "expected MODEL.KEY=VALUE"),
@@ -341,7 +350,7 @@ def test_a_run_in_which_every_trial_failed_exits_1_with_the_first_cause(tmp_path
                    "--run-dir", str(tmp_path / "run")], timeout=600)
     assert out.returncode == 1, out.stderr[-2000:]
     last = out.stderr.strip().splitlines()[-1]
-    assert "no trial of any study succeeded" in last and "hvq_trans on washer" in last and "diverged" in last, last
+    assert "no trial of any study succeeded" in last and "hvq_trans on washer" in last and "TrialDiverged" in last, last
 
 
 def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root, local_ray):
