@@ -3,8 +3,9 @@ of each study's best model.
 
 Every epoch a trial writes ``model.pt`` (what training changed, no frozen backbone: see
 ``AnomalyModel.checkpoint``) and ``state.pt`` (optimiser state, epoch, random state), and Tune
-keeps the trial's best two. Only the latest checkpoint of an unfinished trial can be resumed:
-once a trial ends, ``DropOptimizerState`` empties the optimiser state of its checkpoints; once
+keeps the trial's best two. Only the latest checkpoint of an unfinished trial can be resumed: a
+trial training in its own process empties the older ones after each report
+(``strip_all_but_latest``); once a trial ends, ``distributed.monitor.DropOptimizerState`` empties the optimiser state of its checkpoints; once
 the search is over, ``drop_trial_checkpoints`` deletes a study's trial checkpoints after its
 best ``model.pt`` has been exported to ``RUN/best/`` (the one copy ``ensemble/`` refers to).
 """
@@ -15,12 +16,16 @@ import shutil
 from pathlib import Path
 
 import torch
-from ray.tune import Callback
 
-from distributed.train import CHECKPOINT_STATE
-
+CHECKPOINT_MODEL = "model.pt"  # models.load_model reads it
+CHECKPOINT_STATE = "state.pt"  # optimiser state, epoch, random state: what a resume needs besides
 CHECKPOINT_GLOB = "checkpoint_*"
 TRAIN_RUN_PREFIX = "train-"  # RUN/train/train-<trial id>: a DDP trial's Ray Train run
+
+
+def strip_trial(trial_path: str | None, run_dir: Path, trial_id: str | None) -> None:
+    for folder in trial_checkpoint_folders(trial_path, run_dir, trial_id):
+        strip_optimizer_state(folder)
 
 
 def trial_checkpoint_folders(trial_path: str | None, run_dir: Path, trial_id: str | None) -> list[Path]:
@@ -48,21 +53,11 @@ def strip_optimizer_state(folder: Path) -> bool:
     return True
 
 
-class DropOptimizerState(Callback):
-    """A trial that ended (finished, stopped by ASHA, failed) is never resumed."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-
-    def _strip(self, trial) -> None:
-        for folder in trial_checkpoint_folders(getattr(trial, "path", None), self.run_dir, trial.trial_id):
-            strip_optimizer_state(folder)
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._strip(trial)
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._strip(trial)
+def strip_all_but_latest(trial_dir: Path) -> None:
+    """Empty the optimiser state of every checkpoint in ``trial_dir`` but the newest (the one a
+    resume starts from). Nothing to do where Tune keeps checkpoints elsewhere (object storage)."""
+    for folder in sorted(Path(trial_dir).glob(CHECKPOINT_GLOB))[:-1]:
+        strip_optimizer_state(folder)
 
 
 def drop_trial_checkpoints(results, run_dir: Path) -> int:

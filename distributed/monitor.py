@@ -23,6 +23,7 @@ from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.stopper import Stopper
 
+from distributed.checkpoints import strip_trial
 from distributed.studies import STUDY_KEY
 from distributed.train import METRIC, PLACEMENT_GROUP_KEY
 
@@ -319,6 +320,20 @@ class PlacementGroupWatch(Callback, Stopper):
         return self.failure is not None
 
 
+class DropOptimizerState(Callback):
+    """A trial that ended (finished, stopped by ASHA, failed) is never resumed: its checkpoints
+    need no optimiser state."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = Path(run_dir)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        strip_trial(getattr(trial, "path", None), self.run_dir, trial.trial_id)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        strip_trial(getattr(trial, "path", None), self.run_dir, trial.trial_id)
+
+
 def run_callbacks(ctx, todo: list, args) -> tuple[list[Callback], PlacementGroupWatch]:
     """The progress view and the placement-group watch of one ``distributed.tune`` run."""
     bundle = None
@@ -328,6 +343,4 @@ def run_callbacks(ctx, todo: list, args) -> tuple[list[Callback], PlacementGroup
         stall_s=args.stall_timeout, orphan_grace_s=min(60.0, args.stall_timeout / 2), train_bundle=bundle,
         train_workers=ctx.workers, slots=ctx.max_concurrent, resume_command=f"python -m distributed.tune --resume {ctx.run_dir}"))
     progress = StudyProgress({s.key: args.trials for s in todo}, ctx.run_dir, slots=ctx.max_concurrent)
-    from distributed.checkpoints import DropOptimizerState
-
     return [progress, watch, DropOptimizerState(ctx.run_dir)], watch

@@ -29,6 +29,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
+from distributed.checkpoints import CHECKPOINT_MODEL, CHECKPOINT_STATE, strip_all_but_latest
 from models import create_model
 from models.training import (NonFiniteLossError, Recipe, make_lr_schedule, make_optimizer, recipe_fields,
                              score_loader, train_epoch, unwrap)
@@ -36,8 +37,6 @@ from models.training import (NonFiniteLossError, Recipe, make_lr_schedule, make_
 METRIC = "val_score"
 SPLITS_CACHE = DEFAULT_CACHE_ROOT / "splits"
 MODE = "max"
-CHECKPOINT_MODEL = "model.pt"
-CHECKPOINT_STATE = "state.pt"
 DIVERGED_FILE = "DIVERGED"
 ROUTING_CHECK_IMAGES = 32  # validation images on which prototype routing is checked each epoch
 PLACEMENT_GROUP_KEY = "placement_group"  # reported by Ray Train workers: their worker group's
@@ -166,6 +165,7 @@ class TrainSession:
             from ray import tune
 
             self.rank, self.world = 0, 1
+            self.trial_dir = Path(tune.get_context().get_trial_dir())  # where Tune keeps its checkpoints
             self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
             self._report, self._checkpoint_cls, self._get_checkpoint = tune.report, tune.Checkpoint, tune.get_checkpoint
         else:
@@ -173,6 +173,7 @@ class TrainSession:
             import ray.train.torch
 
             ctx = ray.train.get_context()
+            self.trial_dir = None  # Train keeps the checkpoints: DropOptimizerState empties them at the end
             self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
             self.device = ray.train.torch.get_device()
             self._report, self._checkpoint_cls = ray.train.report, ray.train.Checkpoint
@@ -205,6 +206,8 @@ class TrainSession:
                 write_checkpoint(Path(tmp))
                 checkpoint = self._checkpoint_cls.from_directory(tmp)
             self._report(metrics, checkpoint=checkpoint)
+        if self.trial_dir is not None:
+            strip_all_but_latest(self.trial_dir)
 
 
 def fit_loop(model, job: TrainJob, session: TrainSession, splits) -> bool:

@@ -88,3 +88,16 @@ def test_an_ended_trial_keeps_no_optimizer_state(tmp_path):
     ddp = tmp_path / "train" / "train-abc" / "checkpoint_000000"
     ddp.mkdir(parents=True)
     assert drop_trial_checkpoints([Result()], tmp_path) == 2 and not folder.exists() and not ddp.exists()
+
+
+def test_a_running_trial_keeps_optimizer_state_in_its_latest_checkpoint_only(tmp_path):
+    from distributed.checkpoints import CHECKPOINT_STATE, strip_all_but_latest
+
+    for epoch in range(3):
+        folder = tmp_path / f"checkpoint_{epoch:06d}"
+        folder.mkdir()
+        torch.save({"optimizer": {"state": {0: torch.zeros(100)}}, "epoch": epoch}, folder / CHECKPOINT_STATE)
+    strip_all_but_latest(tmp_path)
+    kept = [torch.load(tmp_path / f"checkpoint_{e:06d}" / CHECKPOINT_STATE, weights_only=False)["optimizer"]
+            for e in range(3)]
+    assert kept[0] is None and kept[1] is None and kept[2] is not None

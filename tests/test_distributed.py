@@ -356,16 +356,19 @@ def test_a_run_in_which_every_trial_failed_exits_1_with_the_first_cause(tmp_path
 def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root, local_ray):
     from ray import tune
 
+    from distributed.monitor import DropOptimizerState
     from distributed.results import trial_rows
-    from distributed.train import tune_trial
+    from distributed.train import CHECKPOINT_STATE, tune_trial
 
     base = diverging_job(synthetic_root, 1e-3).to_dict()
     trainable = tune.with_resources(tune.with_parameters(tune_trial, bases={"s": base}, storage=str(tmp_path / "train"),
                                                          resources={"workers": 1}), {"CPU": 1})
     grid = tune.Tuner(trainable, param_space={"study": "s", "lr": tune.grid_search([1e30, 1e-3])},
                       tune_config=tune.TuneConfig(max_concurrent_trials=2),
-                      run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"),
+                      run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), callbacks=[DropOptimizerState(tmp_path)],
                                                 failure_config=tune.FailureConfig(max_failures=0))).fit()
+    states = list((tmp_path / "tune").rglob(CHECKPOINT_STATE))
+    assert states and all(torch.load(s, weights_only=False)["optimizer"] is None for s in states)  # trials ended
     rows = sorted(trial_rows(grid, "hvq_trans"), key=lambda r: r["config/lr"])
     assert rows[0]["status"] == "ok" and rows[0]["best_val_score"] > 0
     assert rows[1]["status"] == "error" and "TrialDiverged" in rows[1]["error"]
