@@ -15,9 +15,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from ray.tune import Callback
 from ray.tune.experiment import Trial
