@@ -26,7 +26,7 @@ def dense_attention(x: torch.Tensor, heads: int, dim_head: int, proj) -> torch.T
 
 
 def measure(kind: str, side: int, dim: int, heads: int, block: int, halo: int, batch: int) -> dict:
-    from models.haloae import HaloAttention
+    from models.layers.halo_attention import HaloAttention
 
     torch.manual_seed(0)
     x = torch.randn(batch, dim, side, side)

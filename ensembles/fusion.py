@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from models.base import gaussian_blur
+from models.layers.blur import gaussian_blur
 
 RULES = ("mean", "weighted", "max", "rank_mean")
 IMAGE_RULES = ("map_max", "member_mix")

@@ -38,9 +38,10 @@ from torch import Tensor, nn
 
 from models import backbones
 from models.base import AnomalyModel, ConfigError, normalize
+from models.layers.halo_attention import HaloAttention, check_halo_geometry, positive_int
+from models.layers.ssim import ssim
 
-SSIM_WINDOW = 11
-SSIM_SIGMA = 1.5
+
 
 
 # ----------------------------------------------------------------------------------------
@@ -138,29 +139,12 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 
 
-def check_halo_geometry(block: int, halo: int, where: str = "HaloAttention") -> None:
-    """Raise ConfigError for block/halo values that define no valid halo attention."""
-    if not isinstance(block, int) or block < 1:
-        raise ConfigError(f"{where}: block={block!r} must be an integer >= 1 (side of the query blocks)")
-    if not isinstance(halo, int) or halo < 0:
-        raise ConfigError(f"{where}: halo={halo!r} must be an integer >= 0 (0 = attention within the block only)")
-    if halo > block:
-        # The halo is the overlap into the neighbouring blocks; wider context is what a larger
-        # block gives, at a lower cost per covered pixel ((b + 2h)^2 keys for b^2 queries).
-        raise ConfigError(f"{where}: halo={halo} exceeds block={block}; the halo is the overlap into the "
-                          f"neighbouring blocks, so choose 0 <= halo <= block (or a larger block)")
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
-
-
 def check_config(cfg: HaloAEConfig) -> None:
     """Everything that can be checked before building the backbone."""
     n = "haloae"
-    if not _positive_int(cfg.image_size):
+    if not positive_int(cfg.image_size):
         raise ConfigError(f"{n}: image_size={cfg.image_size!r} must be a positive integer (pixels)")
-    if not _positive_int(cfg.feature_stride):
+    if not positive_int(cfg.feature_stride):
         raise ConfigError(f"{n}: feature_stride={cfg.feature_stride!r} must be a positive integer")
     grid = cfg.image_size // cfg.feature_stride
     if grid < 1:
@@ -176,19 +160,19 @@ def check_config(cfg: HaloAEConfig) -> None:
                           f"(integers >= 0); got {cfg.layers}")
     if len(set(cfg.layers)) != len(cfg.layers):
         raise ConfigError(f"{n}: layers {cfg.layers} repeat a layer")
-    if len(cfg.channels) < 2 or not all(_positive_int(c) for c in cfg.channels):
+    if len(cfg.channels) < 2 or not all(positive_int(c) for c in cfg.channels):
         raise ConfigError(f"{n}: channels={cfg.channels} must list >= 2 positive widths "
                           "(the stem's output, then one per encoder stage)")
     stages = len(cfg.channels) - 1
-    if len(cfg.heads) != stages or not all(_positive_int(h) for h in cfg.heads):
+    if len(cfg.heads) != stages or not all(positive_int(h) for h in cfg.heads):
         raise ConfigError(f"{n}: heads={cfg.heads} must give one positive head count per encoder stage "
                           f"({stages} stages, from channels={cfg.channels})")
-    if len(cfg.kernels) != stages or not all(_positive_int(k) and k % 2 == 1 for k in cfg.kernels):
+    if len(cfg.kernels) != stages or not all(positive_int(k) and k % 2 == 1 for k in cfg.kernels):
         raise ConfigError(f"{n}: kernels={cfg.kernels} must give one odd kernel size per encoder stage "
                           f"({stages} stages)")
-    if not _positive_int(cfg.stem_kernel) or cfg.stem_kernel % 2 == 0:
+    if not positive_int(cfg.stem_kernel) or cfg.stem_kernel % 2 == 0:
         raise ConfigError(f"{n}: stem_kernel={cfg.stem_kernel!r} must be an odd positive integer")
-    if not _positive_int(cfg.dim_head):
+    if not positive_int(cfg.dim_head):
         raise ConfigError(f"{n}: dim_head={cfg.dim_head!r} must be a positive integer")
     check_halo_geometry(cfg.block, cfg.halo, n)
     if cfg.block > grid:
@@ -197,7 +181,7 @@ def check_config(cfg: HaloAEConfig) -> None:
                           f"would be wasted work: choose block <= {grid} (block = {grid} is global attention)")
     if not isinstance(cfg.standardize_features, bool):
         raise ConfigError(f"{n}: standardize_features={cfg.standardize_features!r} must be True or False")
-    if not _positive_int(cfg.image_decoder_width):
+    if not positive_int(cfg.image_decoder_width):
         raise ConfigError(f"{n}: image_decoder_width={cfg.image_decoder_width!r} must be a positive integer")
     if not isinstance(cfg.image_decoder_depth, int) or cfg.image_decoder_depth < 0:
         raise ConfigError(f"{n}: image_decoder_depth={cfg.image_decoder_depth!r} must be an integer >= 0")
@@ -207,100 +191,6 @@ def check_config(cfg: HaloAEConfig) -> None:
             raise ConfigError(f"{n}: {name}={value!r} must be a finite number >= 0")
     if cfg.feature_loss_weight == 0 and cfg.image_loss_weight == 0:
         raise ConfigError(f"{n}: feature_loss_weight and image_loss_weight are both 0: nothing to train")
-
-
-# ----------------------------------------------------------------------------------------
-# halo attention
-# ----------------------------------------------------------------------------------------
-class HaloAttention(nn.Module):
-    """Multi-head 2-D halo attention (Vaswani et al., "Scaling local self-attention", 2021).
-
-    The map is cut into ``block x block`` query blocks (padded at the bottom/right to a
-    multiple of the block); each block attends to the ``(block + 2 halo)^2`` window centred on
-    it. Keys outside the map (padding) are masked out, so near the border a query attends to
-    the window clipped to the map. Position enters through learned relative embeddings, one
-    table for row offsets and one for column offsets, read by the query:
-    ``logit(q, k) = s * q.k + s * q.R_row[dy] + s * q.R_col[dx]`` with ``s = dim_head^-0.5`` and
-    ``(dy, dx)`` the offset of the key from the query. Input/output ``[B, dim, H, W]``.
-    """
-
-    def __init__(self, dim: int, heads: int = 4, dim_head: int = 16, block: int = 8, halo: int = 2):
-        super().__init__()
-        for name, value in (("dim", dim), ("heads", heads), ("dim_head", dim_head)):
-            if not _positive_int(value):
-                raise ConfigError(f"HaloAttention: {name}={value!r} must be a positive integer")
-        check_halo_geometry(block, halo)
-        self.heads, self.dim_head, self.block, self.halo = heads, dim_head, block, halo
-        self.window = block + 2 * halo
-        self.scale = dim_head ** -0.5
-        inner = heads * dim_head
-        self.to_q = nn.Conv2d(dim, inner, 1, bias=False)
-        self.to_kv = nn.Conv2d(dim, 2 * inner, 1, bias=False)
-        self.to_out = nn.Conv2d(inner, dim, 1)
-        # offsets key - query along one axis span -(block + halo - 1) .. block + halo - 1
-        self.max_offset = block + halo - 1
-        self.rel_rows = nn.Parameter(torch.randn(2 * self.max_offset + 1, dim_head) * self.scale)
-        self.rel_cols = nn.Parameter(torch.randn(2 * self.max_offset + 1, dim_head) * self.scale)
-        # rel_index[i, u]: table row for query i of a block and key u of its window
-        index = torch.arange(self.window)[None, :] - halo - torch.arange(block)[:, None] + self.max_offset
-        self.register_buffer("rel_index", index, persistent=False)
-        # key (u, v) of a window -> [one-hot of its row u, one-hot of its column v]; see forward
-        eye = torch.eye(self.window)
-        key_position = torch.cat([eye.repeat_interleave(self.window, 0), eye.repeat(self.window, 1)], 1)
-        self.register_buffer("key_position", key_position, persistent=False)
-
-    def _windows(self, t: Tensor, pad_h: int, pad_w: int) -> Tensor:
-        """``[B, C, H, W]`` -> ``[B, C, nh, nw, window, window]``: the halo window of every block."""
-        h = self.halo
-        t = F.pad(t, (h, h + pad_w, h, h + pad_h))
-        return t.unfold(2, self.window, self.block).unfold(3, self.window, self.block)
-
-    def _outside_bias(self, height: int, width: int, nh: int, nw: int, dtype, device) -> tuple[Tensor, Tensor]:
-        """Very negative logit terms for the window rows and columns that fall outside the map.
-
-        A key is outside iff its row or its column is, so the mask rides on the row and column
-        logits: ``[nh, 1, 1, 1, window]`` for rows, ``[1, nw, 1, 1, window]`` for columns. Half
-        the dtype's minimum each: a key outside on both axes still gets a finite sum, and its
-        softmax weight is exactly 0 whatever the other terms.
-        """
-        offsets = torch.arange(self.window, device=device) - self.halo
-        row = torch.arange(nh, device=device)[:, None] * self.block + offsets
-        col = torch.arange(nw, device=device)[:, None] * self.block + offsets
-        very_negative = torch.finfo(dtype).min / 2
-        row_bias = torch.where((row < 0) | (row >= height), very_negative, 0.0).to(dtype)
-        col_bias = torch.where((col < 0) | (col >= width), very_negative, 0.0).to(dtype)
-        return row_bias[:, None, None, None, :], col_bias[None, :, None, None, :]
-
-    def forward(self, x: Tensor) -> Tensor:
-        bsz, _, height, width = x.shape
-        b, w, nhead, d = self.block, self.window, self.heads, self.dim_head
-        nh, nw = -(-height // b), -(-width // b)
-        pad_h, pad_w = nh * b - height, nw * b - width
-        blocks = nh * nw
-
-        q = F.pad(self.to_q(x) * self.scale, (0, pad_w, 0, pad_h))
-        q = q.view(bsz, nhead, d, nh, b, nw, b).permute(0, 1, 3, 5, 4, 6, 2)
-        q = q.reshape(bsz, nhead, blocks, b, b, d)                          # [B, n, L, i, j, d]
-        k, v = self._windows(self.to_kv(x), pad_h, pad_w).chunk(2, dim=1)   # [B, n*d, nh, nw, u, v]
-        k = k.reshape(bsz, nhead, d, blocks, w * w).permute(0, 1, 3, 4, 2)  # [B, n, L, u*v, d]
-        v = v.reshape(bsz, nhead, d, blocks, w * w).permute(0, 1, 3, 4, 2)
-
-        rows = torch.einsum("bnlijd,iud->bnliju", q, self.rel_rows[self.rel_index])
-        cols = torch.einsum("bnlijd,jvd->bnlijv", q, self.rel_cols[self.rel_index])
-        outside_rows, outside_cols = self._outside_bias(height, width, nh, nw, rows.dtype, rows.device)
-        rows = (rows.view(bsz, nhead, nh, nw, b, b, w) + outside_rows).view(bsz, nhead, blocks, b, b, w)
-        cols = (cols.view(bsz, nhead, nh, nw, b, b, w) + outside_cols).view(bsz, nhead, blocks, b, b, w)
-        # One product gives q.k + rows[u] + cols[v]: queries carry their relative logits, keys the
-        # one-hot of their row and column. Adding rows and cols (and a mask) onto the logits
-        # instead costs broadcast passes over them and, in the backward pass, copies of the whole
-        # logits tensor (~30 % slower training).
-        q = torch.cat([q, rows, cols], dim=-1).reshape(bsz, nhead, blocks, b * b, d + 2 * w)
-        k = torch.cat([k, self.key_position.to(k.dtype).expand(bsz, nhead, blocks, -1, -1)], dim=-1)
-        out = (q @ k.transpose(-1, -2)).softmax(dim=-1) @ v                # [B, n, L, i*j, d]
-
-        out = out.view(bsz, nhead, nh, nw, b, b, d).permute(0, 1, 6, 2, 4, 3, 5)
-        out = out.reshape(bsz, nhead * d, nh * b, nw * b)[:, :, :height, :width]
-        return self.to_out(out)
 
 
 class HaloBottleneck(nn.Module):
@@ -320,49 +210,6 @@ class HaloBottleneck(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
-# ----------------------------------------------------------------------------------------
-# SSIM
-# ----------------------------------------------------------------------------------------
-def _ssim_kernel(device, dtype) -> Tensor:
-    x = torch.arange(SSIM_WINDOW, device=device, dtype=dtype) - (SSIM_WINDOW - 1) / 2
-    k = torch.exp(-0.5 * (x / SSIM_SIGMA) ** 2)
-    return k / k.sum()
-
-
-def ssim_map(x: Tensor, y: Tensor, data_range: float | Tensor | None = None) -> Tensor:
-    """Per-pixel, per-channel SSIM of ``x`` against the target ``y`` (``[B, C, H, W]``).
-
-    Gaussian window 11, sigma 1.5, population (co)variances; maps are reflect-padded (or
-    replicate-padded when smaller than the window's radius) so the result has the input's size.
-    C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = ``data_range``; None takes the target's range over
-    the batch, so one function fits normalised images and unbounded CNN features.
-    """
-    c = x.shape[1]
-    k = _ssim_kernel(x.device, x.dtype)
-    r = SSIM_WINDOW // 2
-    mode = "reflect" if r < min(x.shape[-2:]) else "replicate"
-    stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)
-    stack = F.pad(stack, (r, r, r, r), mode=mode)
-    stack = F.conv2d(stack, k.view(1, 1, 1, -1).expand(5 * c, 1, 1, -1), groups=5 * c)
-    stack = F.conv2d(stack, k.view(1, 1, -1, 1).expand(5 * c, 1, -1, 1), groups=5 * c)
-    mu_x, mu_y, xx, yy, xy = stack.split(c, dim=1)
-    var_x, var_y, cov = xx - mu_x ** 2, yy - mu_y ** 2, xy - mu_x * mu_y
-    if data_range is None:
-        data_range = (y.detach().amax() - y.detach().amin()).clamp_min(1e-6)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-    num = (2 * mu_x * mu_y + c1) * (2 * cov + c2)
-    den = (mu_x ** 2 + mu_y ** 2 + c1) * (var_x + var_y + c2)
-    return num / den
-
-
-def ssim(x: Tensor, y: Tensor, data_range: float | Tensor | None = None) -> Tensor:
-    """Mean SSIM over pixels and channels (multi-channel SSIM as the channel average)."""
-    return ssim_map(x, y, data_range).mean()
-
-
-# ----------------------------------------------------------------------------------------
-# frozen features
-# ----------------------------------------------------------------------------------------
 class VGGFeatures(nn.Module):
     """The convolutional stack of a timm VGG, cut after the deepest requested ReLU.
 
@@ -554,5 +401,4 @@ class HaloAE(AnomalyModel):
         return maps
 
 
-__all__ = ["HaloAE", "HaloAEConfig", "HaloAttention", "HaloBottleneck", "PRESETS", "check_halo_geometry",
-           "ssim", "ssim_map"]
+__all__ = ["HaloAE", "HaloAEConfig", "HaloBottleneck", "PRESETS"]

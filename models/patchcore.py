@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models import backbones
-from models.base import AnomalyModel, ConfigError, gaussian_blur, normalize
+from models.base import AnomalyModel, ConfigError, normalize
+from models.layers.blur import gaussian_blur
 
 DISTANCE_CHUNK = 4096  # query patches per distance matrix, to bound memory at large inputs
 

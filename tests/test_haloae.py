@@ -11,7 +11,9 @@ from torch.utils.data import DataLoader
 
 import models
 from models.base import ConfigError
-from models.haloae import HaloAE, HaloAttention, VGGFeatures, ssim_map
+from models.haloae import HaloAE, VGGFeatures
+from models.layers.halo_attention import HaloAttention
+from models.layers.ssim import ssim_map
 from models.training import fit, score_loader, train_step, make_optimizer
 
 TINY = dict(image_size=64, weights="none")  # "fast" on a 16 x 16 grid, random backbone

@@ -16,8 +16,10 @@ import torch.multiprocessing as mp
 
 import models.hvq_trans as hvq_trans
 from models import ConfigError, create_model, load_model
-from models.hvq_trans import (RESTART_USAGE, ClassCodebooks, HVQTrans, decoder_memory_groups,
-                              prototype_ot_score)
+from models.hvq_trans import HVQTrans, decoder_memory_groups
+from models.layers import vector_quantizer
+from models.layers.ot_score import prototype_ot_score
+from models.layers.vector_quantizer import RESTART_USAGE, ClassCodebooks
 from models.training import make_optimizer, score_loader, train_epoch, train_step
 
 # 32 px, stages of stride 4 and 8: a 4x4 grid; random backbone (no weights offline needed)
@@ -289,7 +291,8 @@ def images_quantised(model: HVQTrans, images: torch.Tensor, monkeypatch) -> int:
         return nearest_codes(z, codebook)
 
     with monkeypatch.context() as patch:
-        patch.setattr(hvq_trans, "nearest_codes", counting)
+        for module in (hvq_trans, vector_quantizer):  # the quantiser's code search and the OT level's
+            patch.setattr(module, "nearest_codes", counting)
         model.anomaly_map(images)
     return count
 

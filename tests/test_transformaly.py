@@ -11,8 +11,8 @@ from scipy.stats import multivariate_normal
 
 from models import ConfigError, create_model, load_model
 from models.training import fit, make_optimizer, score_loader, train_step
-from models.transformaly import (GaussianDensity, NotFittedError, PCAWhitening, Transformaly,
-                                 components_to_keep, parse_layers)
+from models.layers.gaussian import GaussianDensity, NotFittedError, PCAWhitening, components_to_keep
+from models.transformaly import Transformaly, parse_layers
 
 TINY = dict(arch="vit_tiny_patch16_224", image_size=32, patch_size=8, weights="none", layers="1-2",
             map_blur_sigma=1.0)
