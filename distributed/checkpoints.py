@@ -64,7 +64,7 @@ def drop_trial_checkpoints(results, run_dir: Path) -> int:
     """Delete the checkpoint folders of a finished study's trials; returns how many."""
     count = 0
     for result in results:
-        trial_id = (result.metrics or {}).get("trial_id") or (result.config or {}).get("trial_id")
+        trial_id = (result.metrics or {}).get("trial_id")
         for folder in trial_checkpoint_folders(getattr(result, "path", None), Path(run_dir), trial_id):
             shutil.rmtree(folder, ignore_errors=True)
             count += 1

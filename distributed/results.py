@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from distributed.checkpoints import drop_trial_checkpoints
 from distributed.train import CHECKPOINT_MODEL, METRIC, PLACEMENT_GROUP_KEY
 from ensembles.build import group_key
 
@@ -146,8 +147,6 @@ def collect_best(grid, run_dir: Path, model: str, groups: dict[str, list[str]]) 
         if info is not None:
             infos.append(info)
     index = update_best_index(run_dir, infos)
-    from distributed.checkpoints import drop_trial_checkpoints
-
     drop_trial_checkpoints(grid, run_dir)  # best/ holds the one copy of each group's model
     return index
 

@@ -18,16 +18,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from distributed.train import TrainJob, job_from_trial_config
-from models import ConfigError, model_class
+from models import ConfigError, config_fields, model_class
 from models.training import Recipe, recipe_fields
 
 
 class SpecError(ValueError):
     """A bad ``--preset`` / ``--set`` / recipe value (the CLI turns it into exit 2)."""
-
-
-def model_fields(model: str) -> dict[str, dataclasses.Field]:
-    return {f.name: f for f in dataclasses.fields(model_class(model).config_class)}
 
 
 def coerce(option: str, value: Any, annotation: str) -> Any:
@@ -79,7 +75,7 @@ def parse_sets(items: list[str], models: list[str]) -> dict[str, dict[str, Any]]
             value = json.loads(text)
         except json.JSONDecodeError:
             value = text
-        fields = model_fields(model)
+        fields = config_fields(model)
         if name not in fields and name not in recipe:
             raise SpecError(f"--set {key}: {model} has no key {name!r}; model keys: {sorted(fields)}; "
                             f"training keys: {sorted(recipe)}")
@@ -162,7 +158,7 @@ def build_spec(key: str, model: str, classes: tuple[str, ...], preset: str, over
     cls = model_class(model)
     if preset not in cls.presets:
         raise SpecError(f"--preset {preset!r}: {model} has no such preset; choose one of {sorted(cls.presets)}")
-    fields = model_fields(model)
+    fields = config_fields(model)
     values = {**cls.presets[preset], **{k: v for k, v in overrides.items() if k in fields}}
     pinned = frozenset(k for k in overrides if k in fields or k == "lr")  # lr: the one searched recipe field
     if len(classes) > 1 and "num_classes" in fields and "num_classes" not in overrides:

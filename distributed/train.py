@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
 from distributed.checkpoints import CHECKPOINT_MODEL, CHECKPOINT_STATE, strip_all_but_latest
-from models import create_model
+from models import config_fields, create_model
 from models.training import (NonFiniteLossError, Recipe, make_lr_schedule, make_optimizer, recipe_fields,
                              score_loader, train_epoch, unwrap)
 
@@ -96,12 +96,6 @@ def model_trains(model: str) -> bool:
 def trains_in_trial(workers: int, model: str) -> bool:
     """One worker, or a model fitted in one pass: the run happens in the Tune trial's own process."""
     return workers <= 1 or not model_trains(model)
-
-
-def model_config_fields(model: str) -> set[str]:
-    from models import model_class
-
-    return {f.name for f in dataclasses.fields(model_class(model).config_class)}
 
 
 @lru_cache(maxsize=4)
@@ -315,7 +309,7 @@ def job_from_trial_config(base: dict[str, Any], config: dict[str, Any]) -> Train
     """Sampled values go to the recipe (``lr``) or to the model config when they are its fields;
     search-only helpers (e.g. HaloAE's ``depth``) are dropped here. (Pinned fields are never
     sampled: ``search_spaces.PinnedTrial``.)"""
-    fields = model_config_fields(base["model"])
+    fields = config_fields(base["model"])
     merged = dict(base)
     merged["model_config"] = {**base.get("model_config", {}), **{k: v for k, v in config.items() if k in fields}}
     merged["recipe"] = {**base.get("recipe", dataclasses.asdict(Recipe())),

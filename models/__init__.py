@@ -6,10 +6,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import warnings
 from pathlib import Path
 
+import timm
 import torch
 
 from models.base import CHECKPOINT_FORMAT, AnomalyModel, ConfigError
@@ -34,6 +36,11 @@ def model_class(name: str) -> type[AnomalyModel]:
     return getattr(importlib.import_module(module), cls)
 
 
+def config_fields(name: str) -> dict[str, dataclasses.Field]:
+    """Model ``name``'s config fields by name."""
+    return {f.name: f for f in dataclasses.fields(model_class(name).config_class)}
+
+
 def create_model(name: str, preset: str | None = None, **config) -> AnomalyModel:
     """Build model ``name`` from an optional preset (``paper``, ``fast``, ...) plus overrides."""
     return model_class(name).from_config(preset, **config)
@@ -54,14 +61,14 @@ def load_model(path, map_location="cpu") -> AnomalyModel:
         raise ConfigError(f"{path} is not a model checkpoint this version reads (formats 1 and "
                           f"{CHECKPOINT_FORMAT}; found {found!r}): retrain it with this version")
     if ckpt["format"] == 1:
-        return _load_full_checkpoint(ckpt)
+        return _load_full_checkpoint(ckpt, path)
     model = _rebuild(ckpt, path)
     saved = ckpt["frozen"]
     if model.frozen_digest() != saved["sha256"]:
         raise ConfigError(
             f"{path}: the frozen backbone rebuilt from weights={saved['weights']!r} differs from the one this "
             f"model was trained with (saved with torch {saved['torch']}, timm {saved['timm']}; this is torch "
-            f"{torch.__version__}, timm {timm_version()}): load it with those versions and the same weights")
+            f"{torch.__version__}, timm {timm.__version__}): load it with those versions and the same weights")
     missing, unexpected = model.load_state_dict(ckpt["state_dict"], strict=False)
     lacking = sorted(set(missing) - model.frozen_state_keys())
     if lacking or unexpected:
@@ -69,12 +76,6 @@ def load_model(path, map_location="cpu") -> AnomalyModel:
                           f"missing {lacking[:5]}, unexpected {sorted(unexpected)[:5]}")
     model.weights_used = ckpt["weights_used"]
     return model
-
-
-def timm_version() -> str:
-    import timm
-
-    return timm.__version__
 
 
 def _rebuild(ckpt: dict, path: Path) -> AnomalyModel:
@@ -91,17 +92,13 @@ def _rebuild(ckpt: dict, path: Path) -> AnomalyModel:
                               "weights available (the timm hub or cache for 'imagenet', the file for a path)") from err
 
 
-def _load_full_checkpoint(ckpt: dict) -> AnomalyModel:
+def _load_full_checkpoint(ckpt: dict, path: Path) -> AnomalyModel:
     """Format 1: every tensor, the frozen backbone's included, is in the file."""
-    config = dict(ckpt["config"])
-    config["weights"] = "none"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = model_class(ckpt["model"]).from_config(None, **config)
+    model = _rebuild({**ckpt, "config": {**ckpt["config"], "weights": "none"}}, path)
     model.load_state_dict(ckpt["state_dict"])
     model.config.weights = ckpt["config"]["weights"]
     model.weights_used = ckpt["weights_used"]
     return model
 
 
-__all__ = ["AnomalyModel", "ConfigError", "create_model", "load_model", "model_class", "model_names"]
+__all__ = ["AnomalyModel", "ConfigError", "config_fields", "create_model", "load_model", "model_class", "model_names"]

@@ -54,6 +54,7 @@ class AnomalyModel(nn.Module):
         super().__init__()
         self.config = config
         self.weights_used = "random"  # set by subclasses: imagenet / packaged / file / random
+        self._frozen_digest: str | None = None
 
     # ----- construction ----------------------------------------------------------------
     @classmethod
@@ -134,8 +135,11 @@ class AnomalyModel(nn.Module):
         return {k for k in self.state_dict() if any(k.startswith(p) for p in prefixes)}
 
     def frozen_digest(self) -> str:
-        state = self.state_dict()
-        return backbones.tensors_digest({k: state[k] for k in self.frozen_state_keys()})
+        """SHA-256 of the frozen tensors; computed once (they do not change unless loaded anew)."""
+        if self._frozen_digest is None:
+            state = self.state_dict()
+            self._frozen_digest = backbones.tensors_digest({k: state[k] for k in self.frozen_state_keys()})
+        return self._frozen_digest
 
     def checkpoint(self) -> dict[str, Any]:
         """What training changed (trainable parameters, fitted statistics) and how to rebuild
@@ -158,6 +162,7 @@ class AnomalyModel(nn.Module):
         torch.save(self.checkpoint(), str(path))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        self._frozen_digest = None  # a full (format 1) state dict replaces the frozen tensors too
         for prefix, module in self.named_modules():
             if getattr(module, "folded_batch_norms", None):
                 state_dict = backbones.fold_state_dict(state_dict, f"{prefix}.", module.folded_batch_norms)
