@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     import ray
 
     from anomaly_data.synthetic import generate_dataset
-    from distributed.train import Resources, TrainJob, run_training
+    from distributed.trial import Resources, TrainJob, run_training
     from models.training import Recipe
 
     p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n\n")[0])

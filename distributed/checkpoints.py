@@ -17,10 +17,11 @@ from pathlib import Path
 
 import torch
 
+from ensembles.run_folder import train_run_dir
+
 CHECKPOINT_MODEL = "model.pt"  # models.load_model reads it
 CHECKPOINT_STATE = "state.pt"  # optimiser state, epoch, random state: what a resume needs besides
 CHECKPOINT_GLOB = "checkpoint_*"
-TRAIN_RUN_PREFIX = "train-"  # RUN/train/train-<trial id>: a DDP trial's Ray Train run
 
 
 def strip_trial(trial_path: str | None, run_dir: Path, trial_id: str | None) -> None:
@@ -34,7 +35,7 @@ def trial_checkpoint_folders(trial_path: str | None, run_dir: Path, trial_id: st
     if trial_path:
         folders += sorted(Path(trial_path).glob(CHECKPOINT_GLOB))
     if trial_id:
-        folders += sorted((run_dir / "train" / f"{TRAIN_RUN_PREFIX}{trial_id}").glob(CHECKPOINT_GLOB))
+        folders += sorted(train_run_dir(run_dir, trial_id).glob(CHECKPOINT_GLOB))
     return folders
 
 

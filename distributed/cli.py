@@ -1,10 +1,10 @@
 """What ``distributed.train`` and ``distributed.tune`` share: options, checks made before Ray
-starts, the Ray connection, resource arithmetic and the run folder."""
+starts, the Ray connection, resource arithmetic and the run folder (its layout:
+``ensembles.run_folder``)."""
 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import math
 import os
@@ -14,9 +14,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import ray
+from ray import tune
+
 from anomaly_data import DATASET_KINDS, DatasetError, read_dataset
-from anomaly_data.checks import check_dataset
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
+from anomaly_data.checks import check_dataset
+from anomaly_data.synthetic import ensure_dataset
+from distributed.trial import trains_in_trial
+from ensembles.run_folder import CONFIG_FILE
+from models import model_names
 
 DRIVER_CPU = 0.1  # a trial only drives Train workers: a fraction of a CPU is enough
 # the offline demo's data: every synthetic class is generated (a few seconds), two are tuned
@@ -88,8 +95,6 @@ def resolve_dataset(args) -> tuple[str, Path, dict]:
     """Dataset kind, root and classes, checked on disk (the synthetic demo data is made here)."""
     kind, root, classes = args.dataset, args.root, split_list(args.classes)
     if kind == "synthetic" and root is None:
-        from anomaly_data.synthetic import ensure_dataset
-
         params = dict(DEMO_DATASET, seed=args.seed)
         root = ensure_dataset(DEFAULT_CACHE_ROOT / f"synthetic-{params['image_size']}px-seed{args.seed}", **params)
         classes = classes or DEMO_CLASSES
@@ -128,8 +133,6 @@ class RunContext:
 
 def prepare_run(args, models: list[str]) -> RunContext:
     """Every check that can fail on user input, done before Ray starts."""
-    from models import model_names
-
     unknown = [m for m in models if m not in model_names()]
     if unknown:
         raise CliError(f"unknown model(s) {unknown}; choose from {model_names()}")
@@ -142,7 +145,7 @@ def prepare_run(args, models: list[str]) -> RunContext:
     classes = list(records)
     run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir).expanduser().resolve()
-    if (run_dir / "config.json").exists() and getattr(args, "resume", None) is None:
+    if (run_dir / CONFIG_FILE).exists() and getattr(args, "resume", None) is None:
         raise CliError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, "
                        "or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,8 +154,6 @@ def prepare_run(args, models: list[str]) -> RunContext:
 
 
 def start_ray(ctx: RunContext) -> None:
-    import ray
-
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     if ray.is_initialized():
         return
@@ -165,11 +166,10 @@ def start_ray(ctx: RunContext) -> None:
 def cluster_capacity() -> tuple[float, float]:
     """CPUs and GPUs the cluster can have: an autoscaling cluster's maximum (its GPU nodes may
     not be up yet when the run starts), else what is there now."""
-    import ray
-
     now = ray.cluster_resources()
     cpus, gpus = now.get("CPU", 1.0), now.get("GPU", 0.0)
     try:
+        # here, inside the try: a private API, which a Ray release may move or drop
         from ray._private.state import state
 
         most = state.get_max_resources_from_cluster_config() or {}
@@ -209,10 +209,6 @@ def trial_placement(ctx: RunContext, config: dict[str, Any]):
     """What a Tune trial of ``config["model"]`` holds: the whole compute when the run happens
     inside the trial (one worker, or a model that is fitted, not trained), else a driver
     fraction beside the Train workers' own placement group."""
-    from ray import tune
-
-    from distributed.train import trains_in_trial
-
     if trains_in_trial(ctx.workers, config["model"]):
         bundle = {"CPU": ctx.cpus_per_worker}
         if ctx.gpus_per_worker:
@@ -225,36 +221,3 @@ def write_json(path: Path, data) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     tmp.replace(path)
-
-
-def spec_jobs(ctx: RunContext, specs: dict, skip_bad_images: bool) -> dict[str, dict[str, Any]]:
-    """Per study key, the training job of its spec (``distributed.spec``) on this run's data."""
-    from distributed.spec import spec_job
-
-    return {key: spec_job(spec, ctx.dataset, str(ctx.root), ctx.seed, skip_bad_images) for key, spec in specs.items()}
-
-
-def run_grid(ctx: RunContext, specs: dict, skip_bad_images: bool) -> str:
-    """Train each study's spec once, concurrently through Ray Tune (no search)."""
-    from ray import tune
-
-    from distributed.train import METRIC, MODE, tune_trial
-    from distributed.results import collect_best, format_table
-
-    bases = spec_jobs(ctx, specs, skip_bad_images)
-    model = next(iter(specs.values())).model
-    start_ray(ctx)
-    fill_resources(ctx)
-    write_json(ctx.run_dir / "config.json", {"command": "train", "jobs": bases,
-                                             "specs": {k: s.summary() for k, s in specs.items()},
-                                             "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
-    trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, bases=bases, storage=str(ctx.run_dir / "train"), resources=ctx.resources()),
-        functools.partial(trial_placement, ctx))
-    tuner = tune.Tuner(trainable, param_space={"study": tune.grid_search(list(bases)), "model": model},
-                       tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, max_concurrent_trials=ctx.max_concurrent),
-                       run_config=tune.RunConfig(name="train", storage_path=str(ctx.run_dir / "tune"),
-                                                 failure_config=tune.FailureConfig(max_failures=0)))
-    grid = tuner.fit()
-    best = collect_best(grid, ctx.run_dir, model, {k: b["classes"] for k, b in bases.items()})
-    return format_table(best)

@@ -18,15 +18,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import ray
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.stopper import Stopper
+from ray.util.placement_group import PlacementGroup
+from ray.util.state import list_actors, list_placement_groups
 
 from distributed.checkpoints import strip_trial
 from distributed.studies import STUDY_KEY
-from distributed.train import METRIC, PLACEMENT_GROUP_KEY
-
-PROGRESS_FILE = "progress.json"
+from distributed.trial import METRIC, PLACEMENT_GROUP_KEY
+from ensembles.run_folder import PROGRESS_FILE
 
 
 def log(message: str) -> None:
@@ -160,9 +162,6 @@ class GroupInfo:
 
 def job_groups() -> list[GroupInfo]:
     """This job's CREATED placement groups, with whether a live actor is in each (State API)."""
-    import ray
-    from ray.util.state import list_actors, list_placement_groups
-
     context = ray.get_runtime_context()
     job, address = context.get_job_id(), context.gcs_address  # this run's cluster, even beside another
     groups = list_placement_groups(address=address, filters=[("state", "=", "CREATED")], detail=True,
@@ -175,9 +174,6 @@ def job_groups() -> list[GroupInfo]:
 
 
 def remove_group(group_id: str) -> bool:
-    import ray
-    from ray.util.placement_group import PlacementGroup
-
     try:
         ray.util.remove_placement_group(PlacementGroup(ray.PlacementGroupID(bytes.fromhex(group_id))))
         return True
@@ -292,8 +288,6 @@ class PlacementGroupWatch(Callback, Stopper):
                 f"{len(orphans)} orphaned placement group(s) of ended Train runs, holding {describe(total(orphans))}")
             self.last_start = now
             return
-        import ray
-
         free = ray.available_resources()
         if not running and fits(need, free):
             self.failure = (f"no trial has started for {waited:.0f} s although the cluster has the resources a "

@@ -1,12 +1,6 @@
-"""The run folder's results: the trial table and the best checkpoint per (model, classes).
-
-::
-
-    RUN/trials.csv                         every trial: model, classes, config, metrics, status
-    RUN/best/<model>/<classes>/model.pt    best validation checkpoint (loads with models.load_model)
-    RUN/best/<model>/<classes>/best.json   its config, validation metrics, trial id and source path
-    RUN/best.json                          index of the above
-"""
+"""The run folder's results: the trial table (``RUN/trials.csv``) and the best checkpoint per
+(model, classes) (``RUN/best/``, indexed in ``RUN/best.json``); the layout is
+``ensembles.run_folder``'s."""
 
 from __future__ import annotations
 
@@ -16,9 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from distributed.checkpoints import drop_trial_checkpoints
-from distributed.train import CHECKPOINT_MODEL, METRIC, PLACEMENT_GROUP_KEY
-from ensembles.build import group_key
+from distributed.checkpoints import CHECKPOINT_MODEL, drop_trial_checkpoints
+from distributed.trial import METRIC, PLACEMENT_GROUP_KEY
+from ensembles.run_folder import BEST_INFO_FILE, TRIALS_FILE, best_dir, group_key, update_best_index
 
 
 def root_cause(error: BaseException) -> str:
@@ -94,22 +88,13 @@ def export_best(result, run_dir: Path, model: str, classes: list[str], extra: di
         return None
     source = found[1]
     metrics = json.loads((source / "metrics.json").read_text())
-    target = run_dir / "best" / model / group_key(classes)
+    target = best_dir(run_dir, model, classes)
     target.mkdir(parents=True, exist_ok=True)
     shutil.copy2(source / CHECKPOINT_MODEL, target / CHECKPOINT_MODEL)
     info = {"model": model, "classes": list(classes), "metrics": metrics, "config": result.config,
             "source": str(source), "checkpoint": str(target / CHECKPOINT_MODEL), **(extra or {})}
-    (target / "best.json").write_text(json.dumps(info, indent=2, default=str) + "\n")
+    (target / BEST_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
     return info
-
-
-def update_best_index(run_dir: Path, infos: list[dict]) -> list[dict]:
-    path = run_dir / "best.json"
-    index = json.loads(path.read_text()) if path.exists() else []
-    keys = {(i["model"], group_key(i["classes"])) for i in infos}
-    index = [i for i in index if (i["model"], group_key(i["classes"])) not in keys] + infos
-    path.write_text(json.dumps(index, indent=2, default=str) + "\n")
-    return index
 
 
 SEARCH_MARGIN = 0.01  # val_score another trial must gain over the paper's setting to be preferred
@@ -140,7 +125,7 @@ def collect_best(grid, run_dir: Path, model: str, groups: dict[str, list[str]]) 
     rows = trial_rows(grid, model)
     for row, result in zip(rows, grid):
         row["classes"] = group_key(groups[result.config["study"]])
-    write_trials(rows, run_dir / "trials.csv")
+    write_trials(rows, run_dir / TRIALS_FILE)
     infos = []
     for result in grid:
         info = export_best(result, run_dir, model, groups[result.config["study"]])

@@ -17,9 +17,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
-from distributed.train import TrainJob, job_from_trial_config
+import optuna
+
+from anomaly_data import DatasetError, split_train_validation
+from distributed.trial import TrainJob, job_from_trial_config
 from models import ConfigError, config_fields, model_class
 from models.training import Recipe, recipe_fields
+from search_spaces import get_space
 
 
 class SpecError(ValueError):
@@ -102,8 +106,6 @@ class StudySpec:
         return {**self.model_config, "lr": self.recipe.lr}
 
     def space(self):
-        from search_spaces import get_space
-
         return get_space(self.model, self.base(), self.pinned)
 
     def first_point(self) -> dict[str, Any]:
@@ -173,8 +175,6 @@ def build_spec(key: str, model: str, classes: tuple[str, ...], preset: str, over
 def check_first_point(spec: StudySpec) -> None:
     """The first point lies in its space and builds a config the model accepts (that it is the
     fixed config field by field is tests/test_search_spaces.py's check, for every preset)."""
-    import optuna
-
     space, points = spec.space()
     trial = optuna.trial.FixedTrial(points[0])
     try:
@@ -198,8 +198,6 @@ def spec_job(spec: StudySpec, dataset: str, root: str, seed: int = 0, skip_bad_i
 
 def training_images(records: dict, classes, val_fraction: float, seed: int) -> int:
     """Training normals of ``classes`` once the validation normals are held out (no decoding)."""
-    from anomaly_data import DatasetError, split_train_validation
-
     try:
         return sum(len(split_train_validation(records[c].train, val_fraction, seed)[0]) for c in classes)
     except DatasetError as err:

@@ -23,9 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import optuna
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
 from ray.tune.experiment import Trial
-from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
+from ray.tune.search.optuna import OptunaSearch
 
 logger = logging.getLogger(__name__)
 STUDY_KEY = "study"
@@ -217,9 +221,6 @@ def live_trial_limit(slots: int, fixed_by_user: bool) -> int:
 def optuna_storage(path: str | None):
     if path is None:
         return None
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
     return JournalStorage(JournalFileBackend(str(path)))
 
 
@@ -227,10 +228,6 @@ def make_search(studies: list[Study], spaces: dict[str, tuple[Callable, list[dic
                 metric: str, mode: str) -> tuple[StudySearcher, TrialScheduler]:
     """The partitioned searcher and scheduler for ``studies``; ``spaces[key]`` is the study's
     define-by-run space and its points to evaluate first."""
-    import optuna
-    from ray.tune.schedulers import ASHAScheduler
-    from ray.tune.search.optuna import OptunaSearch
-
     storage = optuna_storage(options.optuna_storage)
     searchers = {}
     for study in studies:

@@ -9,348 +9,58 @@ multi-class mode). Each epoch the workers train on their shard of the training n
 rank 0 fits the model's statistics, scores the validation set (held-out normals + synthetic
 defects, never the test split) and reports ``val_image_auroc``, ``val_pixel_auroc``,
 ``val_score`` (their mean) and the training loss together with a checkpoint.
+
+This module is the command: the grid of trainings, one Tune trial per class group, each trial
+``distributed.trial.tune_trial`` (no search: ``distributed.tune`` searches).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
+import functools
 import os
 import sys
-import tempfile
-import time
-from dataclasses import dataclass, field
-from functools import lru_cache
-from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader
+from ray import tune
+
+from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, prepare_run,
+                             start_ray, trial_placement, write_json)
+from distributed.results import collect_best, format_table
+from distributed.spec import SpecError, build_specs, spec_job
+from distributed.studies import Study
+from distributed.trial import METRIC, MODE, tune_trial
+from ensembles.run_folder import CONFIG_FILE, TRAIN_DIR, TUNE_DIR, group_key
+
+
+def spec_jobs(ctx: RunContext, specs: dict, skip_bad_images: bool) -> dict[str, dict[str, Any]]:
+    """Per study key, the training job of its spec (``distributed.spec``) on this run's data."""
+    return {key: spec_job(spec, ctx.dataset, str(ctx.root), ctx.seed, skip_bad_images) for key, spec in specs.items()}
+
+
+def run_grid(ctx: RunContext, specs: dict, skip_bad_images: bool) -> str:
+    """Train each study's spec once, concurrently through Ray Tune (no search)."""
+    bases = spec_jobs(ctx, specs, skip_bad_images)
+    model = next(iter(specs.values())).model
+    start_ray(ctx)
+    fill_resources(ctx)
+    write_json(ctx.run_dir / CONFIG_FILE, {"command": "train", "jobs": bases,
+                                           "specs": {k: s.summary() for k, s in specs.items()},
+                                           "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
+    trainable = tune.with_resources(
+        tune.with_parameters(tune_trial, bases=bases, storage=str(ctx.run_dir / TRAIN_DIR),
+                             resources=ctx.resources()),
+        functools.partial(trial_placement, ctx))
+    tuner = tune.Tuner(trainable, param_space={"study": tune.grid_search(list(bases)), "model": model},
+                       tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, max_concurrent_trials=ctx.max_concurrent),
+                       run_config=tune.RunConfig(name="train", storage_path=str(ctx.run_dir / TUNE_DIR),
+                                                 failure_config=tune.FailureConfig(max_failures=0)))
+    grid = tuner.fit()
+    best = collect_best(grid, ctx.run_dir, model, {k: b["classes"] for k, b in bases.items()})
+    return format_table(best)
 
-from anomaly_data.cache import DEFAULT_CACHE_ROOT
-from distributed.checkpoints import CHECKPOINT_MODEL, CHECKPOINT_STATE, strip_all_but_latest
-from models import config_fields, create_model
-from models.training import (NonFiniteLossError, Recipe, make_lr_schedule, make_optimizer, recipe_fields,
-                             score_loader, train_epoch, unwrap)
 
-METRIC = "val_score"
-SPLITS_CACHE = DEFAULT_CACHE_ROOT / "splits"
-MODE = "max"
-DIVERGED_FILE = "DIVERGED"
-ROUTING_CHECK_IMAGES = 32  # validation images on which prototype routing is checked each epoch
-PLACEMENT_GROUP_KEY = "placement_group"  # reported by Ray Train workers: their worker group's
-
-
-@dataclass
-class TrainJob:
-    """Everything one training run needs; plain data so it travels to Ray workers as a dict."""
-
-    model: str
-    dataset: str
-    root: str
-    classes: list[str]
-    preset: str = "fast"
-    model_config: dict[str, Any] = field(default_factory=dict)
-    """Over the preset (``distributed.spec`` gives every field)."""
-    recipe: dict[str, Any] = field(default_factory=lambda: dataclasses.asdict(Recipe()))
-    """``models.training.Recipe`` fields; ``epochs`` are passes over the training images."""
-    val_fraction: float = 0.2
-    seed: int = 0
-    skip_bad_images: bool = False
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainJob":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def training_recipe(self) -> Recipe:
-        return Recipe(**self.recipe)
-
-    @property
-    def epochs(self) -> int:
-        return int(self.recipe["epochs"])
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.recipe["batch_size"])
-
-    @property
-    def lr(self) -> float:
-        return float(self.recipe["lr"])
-
-    def build_model(self):
-        return create_model(self.model, self.preset, **self.model_config)
-
-
-def model_trains(model: str) -> bool:
-    """False for a model that is fitted in one pass (no DDP, no Train worker group)."""
-    from models import model_class
-
-    return model_class(model).trains
-
-
-def trains_in_trial(workers: int, model: str) -> bool:
-    """One worker, or a model fitted in one pass: the run happens in the Tune trial's own process."""
-    return workers <= 1 or not model_trains(model)
-
-
-@lru_cache(maxsize=4)
-def _cached_splits(dataset: str, root: str, classes: tuple[str, ...], image_size: int, val_fraction: float,
-                   seed: int, skip_bad_images: bool):
-    from anomaly_data import prepare_splits
-
-    return prepare_splits(dataset, root, list(classes), image_size=image_size, val_fraction=val_fraction,
-                          seed=seed, skip_bad_images=skip_bad_images, cache_dir=SPLITS_CACHE)
-
-
-def load_splits(job: TrainJob, image_size: int):
-    """Decoded once per node (the first trial fills the disk cache), kept in memory per process."""
-    return _cached_splits(job.dataset, str(job.root), tuple(job.classes), int(image_size), job.val_fraction,
-                          job.seed, job.skip_bad_images)
-
-
-def validation_metrics(model, validation, device, batch_size: int) -> dict[str, float]:
-    from ensembles.metrics import image_auroc, pixel_auroc
-
-    out = score_loader(model, DataLoader(validation, batch_size=batch_size), device)
-    img = image_auroc(out["scores"], out["labels"])
-    pix = pixel_auroc(out["maps"], out["masks"])
-    metrics = {"val_image_auroc": img, "val_pixel_auroc": pix, METRIC: (img + pix) / 2}
-    if getattr(model.config, "num_classes", 1) > 1:  # a unified HVQ-Trans: cheap routing vs the full rule
-        images = next(iter(DataLoader(validation, batch_size=ROUTING_CHECK_IMAGES, shuffle=False)))["image"]
-        metrics["val_routing_agreement"] = model.routing_agreement(images.to(device))
-    return metrics
-
-
-def save_checkpoint(directory: Path, model, optimizer, epoch: int, metrics: dict[str, float], job: TrainJob):
-    net = unwrap(model)
-    net.save(directory / CHECKPOINT_MODEL)
-    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None, "epoch": epoch, "metrics": metrics, "job": job.to_dict(),
-                "rng": torch.get_rng_state()}, directory / CHECKPOINT_STATE)
-    (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))  # "epoch" counts from 1
-
-
-def restore_checkpoint(checkpoint, model, optimizer) -> int:
-    """Load model and optimizer state from a Ray checkpoint; returns the next epoch."""
-    with checkpoint.as_directory() as d:
-        from models import load_model
-
-        saved = load_model(Path(d) / CHECKPOINT_MODEL)
-        unwrap(model).load_state_dict(saved.state_dict())
-        state = torch.load(Path(d) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
-    if state.get("optimizer") is not None:  # emptied once a trial ended (distributed.checkpoints)
-        optimizer.load_state_dict(state["optimizer"])
-    torch.set_rng_state(state["rng"])
-    return int(state["epoch"]) + 1
-
-
-class TrainSession:
-    """Where the loop runs: a Ray Train worker (DDP when several), or the Tune trial itself."""
-
-    def __init__(self, in_tune_trial: bool = False):
-        import ray
-
-        self.in_tune_trial = in_tune_trial
-        if in_tune_trial:
-            from ray import tune
-
-            self.rank, self.world = 0, 1
-            self.trial_dir = Path(tune.get_context().get_trial_dir())  # where Tune keeps its checkpoints
-            self.device = torch.device("cuda" if torch.cuda.is_available() and ray.get_gpu_ids() else "cpu")
-            self._report, self._checkpoint_cls, self._get_checkpoint = tune.report, tune.Checkpoint, tune.get_checkpoint
-        else:
-            import ray.train
-            import ray.train.torch
-
-            ctx = ray.train.get_context()
-            self.trial_dir = None  # Train keeps the checkpoints: DropOptimizerState empties them at the end
-            self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
-            self.device = ray.train.torch.get_device()
-            self._report, self._checkpoint_cls = ray.train.report, ray.train.Checkpoint
-            self._get_checkpoint = ray.train.get_checkpoint
-        self.node = ray.get_runtime_context().get_node_id()
-        # the worker group's placement group (None inside a trial): the driver removes it when the trial ends
-        self.placement_group = None if in_tune_trial else ray.get_runtime_context().get_placement_group_id()
-
-    def checkpoint(self):
-        return self._get_checkpoint()
-
-    def prepare(self, model, dataset, batch_size: int, drop_last: bool):
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
-        if self.in_tune_trial:
-            return model.to(self.device), loader
-        import ray.train.torch
-
-        # buffers are not broadcast: EMA codebooks are all-reduced by the model itself, and
-        # fitted statistics live on rank 0, which alone validates and checkpoints
-        model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
-        return model, ray.train.torch.prepare_data_loader(loader)
-
-    def report(self, metrics: dict[str, Any], write_checkpoint) -> None:
-        """Every rank reports; rank 0 attaches the checkpoint that ``write_checkpoint(dir)`` fills."""
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if self.placement_group:
-                metrics = {**metrics, PLACEMENT_GROUP_KEY: self.placement_group}
-            if self.rank == 0:
-                write_checkpoint(Path(tmp))
-                checkpoint = self._checkpoint_cls.from_directory(tmp)
-            self._report(metrics, checkpoint=checkpoint)
-        if self.trial_dir is not None:
-            strip_all_but_latest(self.trial_dir)
-
-
-def fit_loop(model, job: TrainJob, session: TrainSession, splits) -> bool:
-    """A model that is fitted, not trained: one ``fit_statistics`` pass, validated and reported as
-    epoch 1 (no optimiser, no DDP; Tune treats it as a one-iteration trial)."""
-    started = time.perf_counter()
-    model.eval()
-    model.fit_statistics(DataLoader(splits.train, batch_size=job.batch_size))
-    metrics = {"epoch": 1, "train_loss": 0.0, "epoch_seconds": time.perf_counter() - started,
-               "node": session.node, "diverged": 0}
-    metrics.update(validation_metrics(model, splits.validation, session.device, job.batch_size))
-    session.report(metrics, lambda d, m=dict(metrics): save_checkpoint(d, model, None, 0, m, job))
-    return True
-
-
-def train_loop(job: TrainJob, session: TrainSession) -> bool:
-    """Train ``job``; every epoch rank 0 validates and checkpoints. Resumes from a checkpoint.
-
-    Returns False when the loss diverged (NaN/inf), True otherwise."""
-    torch.manual_seed(job.seed)
-    model = job.build_model()
-    splits = load_splits(job, model.config.image_size)
-    model.to(session.device)
-    if not model.trains:
-        return fit_loop(model, job, session, splits)
-    recipe = job.training_recipe()
-    optimizer = make_optimizer(model, recipe.lr, recipe)
-    schedule = make_lr_schedule(optimizer, recipe)
-    start = 0
-    checkpoint = session.checkpoint()
-    if checkpoint is not None:
-        start = restore_checkpoint(checkpoint, model, optimizer)
-        if schedule is not None:  # the saved optimiser has the stepped learning rate already
-            schedule.last_epoch = start
-    torch.manual_seed(job.seed + 1000 * session.rank + start)
-    drop_last = len(splits.train) >= 2 * job.batch_size * session.world
-    model, loader = session.prepare(model, splits.train, job.batch_size, drop_last)
-    for epoch in range(start, job.epochs):
-        if session.world > 1:
-            loader.sampler.set_epoch(epoch)
-        started = time.perf_counter()
-        try:
-            parts = train_epoch(model, loader, optimizer, session.device, recipe.grad_clip)
-        except NonFiniteLossError as err:
-            # metrics are kept only with a checkpoint: attach a tiny one saying why
-            session.report({"epoch": epoch + 1, "diverged": 1, METRIC: float("nan"), "train_loss": float("nan"),
-                            "val_image_auroc": float("nan"), "val_pixel_auroc": float("nan"), "node": session.node},
-                           lambda d, msg=str(err): (d / DIVERGED_FILE).write_text(msg + "\n"))
-            return False
-        if schedule is not None:
-            schedule.step()
-        metrics = {"epoch": epoch + 1, "train_loss": parts["loss"], "epoch_seconds": time.perf_counter() - started,
-                   "node": session.node}
-        if session.rank == 0:
-            net = unwrap(model)
-            net.eval()
-            net.fit_statistics(DataLoader(splits.train, batch_size=job.batch_size))
-            metrics.update(validation_metrics(net, splits.validation, session.device, job.batch_size))
-            metrics["diverged"] = 0
-        session.report(metrics, lambda d, e=epoch, m=dict(metrics): save_checkpoint(d, model, optimizer, e, m, job))
-    return True
-
-
-def train_worker(config: dict[str, Any]) -> None:
-    """The per-worker function of ``TorchTrainer`` (DDP when more than one worker)."""
-    train_loop(TrainJob.from_dict(config), TrainSession())
-
-
-@dataclass
-class Resources:
-    """How each training run is placed: one worker trains inside the trial process, more are a
-    Ray Train DDP worker group."""
-
-    workers: int = 1
-    cpus_per_worker: float = 1.0
-    gpus_per_worker: float = 0.0
-
-    def scaling_config(self):
-        import ray.train
-
-        res = {"CPU": self.cpus_per_worker}
-        if self.gpus_per_worker > 0:
-            res["GPU"] = self.gpus_per_worker
-        return ray.train.ScalingConfig(num_workers=self.workers, use_gpu=self.gpus_per_worker > 0,
-                                       resources_per_worker=res)
-
-
-def run_training(job: TrainJob, storage: str, name: str, resources: Resources, callbacks=(),
-                 max_failures: int = 2):
-    """Fit one ``TorchTrainer``; the same ``storage`` + ``name`` resumes from its last checkpoint."""
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    trainer = TorchTrainer(
-        train_worker, train_loop_config=job.to_dict(), scaling_config=resources.scaling_config(),
-        run_config=ray.train.RunConfig(
-            name=name, storage_path=str(storage), callbacks=list(callbacks),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
-                                                         checkpoint_score_order=MODE),
-            failure_config=ray.train.FailureConfig(max_failures=max_failures)))
-    return trainer.fit()
-
-
-def job_from_trial_config(base: dict[str, Any], config: dict[str, Any]) -> TrainJob:
-    """Sampled values go to the recipe (``lr``) or to the model config when they are its fields;
-    search-only helpers (e.g. HaloAE's ``depth``) are dropped here. (Pinned fields are never
-    sampled: ``search_spaces.PinnedTrial``.)"""
-    fields = config_fields(base["model"])
-    merged = dict(base)
-    merged["model_config"] = {**base.get("model_config", {}), **{k: v for k, v in config.items() if k in fields}}
-    merged["recipe"] = {**base.get("recipe", dataclasses.asdict(Recipe())),
-                        **{k: v for k, v in config.items() if k in recipe_fields()}}
-    return TrainJob.from_dict(merged)
-
-
-class TrialDiverged(RuntimeError):
-    """The training loss became NaN/inf: the trial is reported as failed."""
-
-
-def tune_trial(config: dict[str, Any], bases: dict[str, dict[str, Any]], storage: str,
-               resources: dict[str, float]) -> None:
-    """A Ray Tune function trial: one training run of the study ``config["study"]``.
-
-    One worker trains inside the trial process: no worker group, so no placement group of its
-    own that could outlive a trial Tune kills (an ASHA stop). Several workers are a Ray Train
-    DDP run; its workers report their placement group, which the driver removes when the
-    trial ends (``distributed.monitor.PlacementGroupWatch``)."""
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from distributed.studies import REUSE_WAIT_ENV, REUSE_WAIT_S
-
-    os.environ[REUSE_WAIT_ENV] = str(REUSE_WAIT_S)
-    job = job_from_trial_config(bases[config["study"]], config)
-    resources = Resources(**resources)
-    if trains_in_trial(resources.workers, job.model):
-        diverged = not train_loop(job, TrainSession(in_tune_trial=True))
-    else:
-        name = f"train-{tune.get_context().get_trial_id()}"  # stable: a retried trial resumes
-        metrics = run_training(job, storage, name, resources, callbacks=[TuneReportCallback()]).metrics or {}
-        diverged = bool(metrics.get("diverged"))
-    if diverged:
-        raise TrialDiverged(f"{job.model} on {','.join(job.classes)} diverged (NaN/inf loss) with lr={job.lr}")
-
-
-# ----- CLI -----------------------------------------------------------------------------
 def parse_args(argv=None):
-    from distributed.cli import add_cluster_args, add_data_args
-
     p = argparse.ArgumentParser(prog="python -m distributed.train", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a registered model: haloae, hvq_trans, transformaly, patchcore")
     add_data_args(p)
@@ -366,11 +76,6 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    from distributed.cli import CliError, prepare_run, run_grid
-    from distributed.spec import SpecError, build_specs
-    from distributed.studies import Study
-    from ensembles.build import group_key
-
     args = parse_args(argv)
     try:
         if args.epochs is not None and args.epochs < 1:

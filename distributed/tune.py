@@ -25,14 +25,28 @@ import time
 from pathlib import Path
 from typing import Any
 
-from models import model_class, model_names
-from distributed.spec import SpecError, build_specs
+import optuna
+import pandas as pd
+from ray import tune
+
+from anomaly_data import DatasetError
+from distributed.checkpoints import drop_trial_checkpoints
 from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, prepare_run,
-                             spec_jobs, split_list, start_ray, trial_placement, write_json)
+                             split_list, start_ray, trial_placement, write_json)
+from distributed.monitor import run_callbacks
+from distributed.results import best_result, export_best, format_table, trial_rows, write_trials
+from distributed.spec import SpecError, build_specs
+from distributed.studies import STUDY_KEY, SearchOptions, Study, live_trial_limit, make_search
+from distributed.train import spec_jobs
+from distributed.trial import METRIC, MODE, tune_trial
+from ensembles.build import build_and_evaluate
+from ensembles.ensemble import EnsembleError
+from ensembles.run_folder import (CONFIG_FILE, OPTUNA_FILE, STUDIES_FILE, TRAIN_DIR, TRIALS_FILE, TUNE_DIR,
+                                  group_key, read_best_index, update_best_index)
+from models import model_class, model_names
 
 DEFAULT_MODELS = tuple(model_names())  # every registered model
 SEARCH_NAME = "search"  # RUN/tune/search: the one Tune run of every study
-OPTUNA_FILE = "optuna.journal"  # each study's Optuna history (optuna.storages.JournalStorage)
 
 
 # Search defaults as (usual, offline demo); epochs None = each preset's own recipe. Trained
@@ -95,7 +109,7 @@ def restore_args(argv) -> argparse.Namespace:
     args = parse_args(argv)
     if args.resume is None:
         return args
-    config = args.resume / "config.json"
+    config = args.resume / CONFIG_FILE
     if not config.is_file():
         raise CliError(f"--resume {args.resume}: no config.json there (is it a run folder of distributed.tune?)")
     recorded = json.loads(config.read_text()).get("args")
@@ -110,29 +124,19 @@ def restore_args(argv) -> argparse.Namespace:
     return resumed
 
 
-def search_studies(ctx: RunContext, scope: str) -> list["Study"]:
+def search_studies(ctx: RunContext, scope: str) -> list[Study]:
     """One study per (model, class), or per model over all classes with ``unified``."""
-    from distributed.studies import Study
-    from ensembles.build import group_key
-
     groups = [ctx.classes] if scope == "unified" else [[c] for c in ctx.classes]
     return [Study(f"{m}-{group_key(g)}", m, tuple(g)) for m in ctx.models for g in groups]
 
 
 def run_search(ctx: RunContext, args, todo: list, specs: dict):
     """Every study as trials of one Tune run (restored when an interrupted one is found)."""
-    import optuna
-    from ray import tune
-
-    from distributed.monitor import run_callbacks
-    from distributed.studies import SearchOptions, live_trial_limit, make_search
-    from distributed.train import METRIC, MODE, tune_trial
-
     bases = spec_jobs(ctx, {s.key: specs[s.key] for s in todo}, args.skip_bad_images)
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, bases=bases, storage=str(ctx.run_dir / "train"), resources=ctx.resources()),
+        tune.with_parameters(tune_trial, bases=bases, storage=str(ctx.run_dir / TRAIN_DIR), resources=ctx.resources()),
         functools.partial(trial_placement, ctx))
-    path = ctx.run_dir / "tune" / SEARCH_NAME
+    path = ctx.run_dir / TUNE_DIR / SEARCH_NAME
     callbacks, stopper = run_callbacks(ctx, todo, args)
     if args.tune_verbose == 0:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's new console output prints a banner even when silent
@@ -159,7 +163,7 @@ def run_search(ctx: RunContext, args, todo: list, specs: dict):
                                         # a DDP trial's thread outlives a stop (Train runs on): no reuse
                                         reuse_actors=ctx.workers <= 1),
             run_config=tune.RunConfig(
-                name=SEARCH_NAME, storage_path=str(ctx.run_dir / "tune"), verbose=args.tune_verbose,
+                name=SEARCH_NAME, storage_path=str(ctx.run_dir / TUNE_DIR), verbose=args.tune_verbose,
                 callbacks=callbacks, stop=stopper, failure_config=tune.FailureConfig(max_failures=0),
                 # trials that train in their own process hand their checkpoints to Tune
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
@@ -191,10 +195,6 @@ class InterruptWatch(logging.Handler):
 
 def finish_studies(ctx: RunContext, todo: list, grid, specs: dict, done: dict) -> None:
     """Per study: its rows in trials.csv, its best checkpoint in best/, its entry in studies.json."""
-    from distributed.checkpoints import drop_trial_checkpoints
-    from distributed.results import best_result, export_best, trial_rows, update_best_index, write_trials
-    from distributed.studies import STUDY_KEY
-
     results = [r for r in grid if r.config]
     for study in todo:
         mine = [r for r in results if r.config.get(STUDY_KEY) == study.key]
@@ -202,7 +202,7 @@ def finish_studies(ctx: RunContext, todo: list, grid, specs: dict, done: dict) -
             print(f"[tune] {study.key}: no trial ran (was --time-budget too short?)", flush=True)
             continue
         rows = trial_rows(mine, study.model)
-        write_trials(rows, ctx.run_dir / "trials.csv")
+        write_trials(rows, ctx.run_dir / TRIALS_FILE)
         info = export_best(best_result(mine, specs[study.key].first_point()),
                            ctx.run_dir, study.model, list(study.classes), {"study": study.key})
         update_best_index(ctx.run_dir, [info] if info else [])
@@ -213,7 +213,7 @@ def finish_studies(ctx: RunContext, todo: list, grid, specs: dict, done: dict) -
                   flush=True)
         done[study.key] = {"best": info["checkpoint"] if info else None, "trials": len(rows),
                            "finished": time.time()}
-    write_json(ctx.run_dir / "studies.json", done)
+    write_json(ctx.run_dir / STUDIES_FILE, done)
 
 
 def print_specs(specs: dict) -> None:
@@ -232,8 +232,6 @@ def print_specs(specs: dict) -> None:
 
 def first_failure(trials_csv: Path) -> str:
     """The cause of the first failed trial in ``trials.csv``, for the final error message."""
-    import pandas as pd
-
     if not trials_csv.is_file():
         return "no trial ran (see the log above)"
     rows = pd.read_csv(trials_csv)
@@ -245,13 +243,11 @@ def first_failure(trials_csv: Path) -> str:
 
 
 def load_done(run_dir: Path) -> dict[str, Any]:
-    path = run_dir / "studies.json"
+    path = run_dir / STUDIES_FILE
     return json.loads(path.read_text()) if path.exists() else {}
 
 
 def main(argv=None) -> int:
-    from distributed.results import format_table
-
     t0 = time.time()
     try:
         args = restore_args(argv)
@@ -273,7 +269,7 @@ def main(argv=None) -> int:
         return 2
     recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     recorded["root"] = str(ctx.root)  # resolved: a resume from another folder finds the data
-    write_json(ctx.run_dir / "config.json", {"command": "tune", "args": recorded, "dataset": ctx.dataset,
+    write_json(ctx.run_dir / CONFIG_FILE, {"command": "tune", "args": recorded, "dataset": ctx.dataset,
                                              "root": str(ctx.root), "classes": ctx.classes,
                                              "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent,
                                              "specs": {k: s.summary() for k, s in specs.items()}})
@@ -292,18 +288,14 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
             return 130
         finish_studies(ctx, todo, grid, specs, done)
-    index = json.loads((ctx.run_dir / "best.json").read_text()) if (ctx.run_dir / "best.json").exists() else []
+    index = read_best_index(ctx.run_dir)
     index = [i for i in index if i["model"] in ctx.models and set(i["classes"]) <= set(ctx.classes)]
     print("\nBest validation scores (validation = held-out normals + synthetic defects):")
     print(format_table(index), flush=True)
     if not index:
-        print(f"error: no trial of any study succeeded; {first_failure(ctx.run_dir / 'trials.csv')}", file=sys.stderr)
+        print(f"error: no trial of any study succeeded; {first_failure(ctx.run_dir / TRIALS_FILE)}", file=sys.stderr)
         return 1
     if not args.no_ensemble:
-        from anomaly_data import DatasetError
-        from ensembles.build import build_and_evaluate
-        from ensembles.ensemble import EnsembleError
-
         try:
             print(build_and_evaluate(ctx.run_dir, index, ctx.dataset, ctx.root, ctx.classes, args.seed,
                                      skip_bad_images=args.skip_bad_images), flush=True)

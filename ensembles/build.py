@@ -5,18 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pandas as pd
 import torch
 
 from anomaly_data import prepare_splits
 from ensembles.ensemble import Ensemble, EnsembleError
+from ensembles.evaluate import evaluate_ensemble, format_results
 from ensembles.fit import fit_class_fusion
-
-CLASS_SEPARATOR = "+"
-
-
-def group_key(classes) -> str:
-    """Name of a class group in file names and tables: the class, or ``a+b+c`` for a unified model."""
-    return CLASS_SEPARATOR.join(classes)
+from ensembles.run_folder import ENSEMBLE_DIR, group_key
+from models import load_model
 
 FUSION_DEFECTS = 3  # defective copies per held-out normal in the set the fusion is fitted on
 
@@ -45,8 +42,6 @@ def member_reference(checkpoint: Path, out_dir: Path, model: str, classes: list[
 def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], out_dir, seed: int = 0,
                    val_fraction: float = 0.2, device: str | None = None, skip_bad_images: bool = False) -> Ensemble:
     """Fit one fusion per class on its validation set and save the ensemble folder ``out_dir``."""
-    from models import load_model
-
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded, sources, fusions = {}, {}, {}
     for class_name in classes:
@@ -77,8 +72,6 @@ def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], ou
 def validation_table(ensemble: Ensemble) -> str:
     """Per class, each member's, each ablation's and the ensemble's validation figures, and why
     the kept ensemble was kept (held-out defect kinds)."""
-    import pandas as pd
-
     rows = []
     for name, fusion in ensemble.fusions.items():
         for r in fusion.validation:
@@ -98,9 +91,7 @@ def validation_table(ensemble: Ensemble) -> str:
 def build_and_evaluate(run_dir: Path, index: list[dict], dataset: str, root, classes: list[str], seed: int,
                        val_fraction: float = 0.2, skip_bad_images: bool = False) -> str:
     """The run's ensemble (``RUN/ensemble``) and its test-split evaluation (``RUN/results.*``)."""
-    from ensembles.evaluate import evaluate_ensemble, format_results
-
-    ensemble = build_ensemble(index, dataset, root, classes, run_dir / "ensemble", seed, val_fraction,
+    ensemble = build_ensemble(index, dataset, root, classes, run_dir / ENSEMBLE_DIR, seed, val_fraction,
                               skip_bad_images=skip_bad_images)
     frame = evaluate_ensemble(ensemble, dataset, root, classes, run_dir)
     return ("\nValidation (fusion fitted here; never the test split):\n" + validation_table(ensemble) +

@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader
 
 from ensembles.ensemble import ClassFusion, FusionChoice, run_members
 from ensembles.fusion import QuantileNormalizer, RankTable, blur, fuse_maps
-from ensembles.metrics import image_auroc, pixel_auroc
+from ensembles.metrics import f1_threshold, image_auroc, pixel_auroc, validation_score
 
 SIGMAS = (0.0, 1 / 32)             # blur sigma as a fraction of the side
 FUSED_RULES = ("mean", "max", "rank_mean")
@@ -54,18 +54,6 @@ def score_dataset(models: dict[str, Any], dataset, resolution: int, device, batc
             scores[m].append(s.cpu())
             maps[m].append(mp.cpu())
     return {m: (torch.cat(scores[m]), torch.cat(maps[m])) for m in models}
-
-
-def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
-    """The image threshold with the best F1 on the validation set (score >= t is anomalous)."""
-    order = np.argsort(-scores, kind="stable")
-    s, y = scores[order], labels[order]
-    tp = np.cumsum(y)
-    fp = np.cumsum(1 - y)
-    last = np.r_[s[1:] != s[:-1], True]  # one point per distinct score
-    f1 = 2 * tp / (tp + fp + y.sum())
-    best = int(np.argmax(np.where(last, f1, -1)))
-    return float(s[best])
 
 
 def f1_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float:
@@ -102,7 +90,7 @@ class Candidate:
 
     @property
     def val_score(self) -> float:
-        return (self.image_auroc + self.pixel_auroc) / 2
+        return validation_score(self.image_auroc, self.pixel_auroc)
 
 
 def choose(candidates: list[Candidate], groups: list[int]) -> Candidate:
@@ -140,7 +128,7 @@ class CandidateScorer:
         pix_all = _quiet(pixel_auroc, fused.numpy(), self.masks)
         out = []
         for image_rule, s in image_options.items():
-            per_group = np.array([(_quiet(image_auroc, s[g], self.labels[g]) + p) / 2
+            per_group = np.array([validation_score(_quiet(image_auroc, s[g], self.labels[g]), p)
                                   for g, p in zip(self.groups, pix_by_group)])
             choice = FusionChoice(rule=rule if len(used) > 1 else "mean", weights=weights, sigma=sigma,
                                   image_rule=image_rule, image_weights=weights)

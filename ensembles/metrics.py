@@ -4,6 +4,8 @@ Image level (one score per image): :func:`image_auroc` and :func:`f1_max`.
 Pixel level (every pixel of every image of a class, pooled): :func:`pixel_auroc`,
 :func:`aupro` (AUPRO@0.3, MVTec AD's official definition) and :func:`pixel_f1_max`.
 :func:`evaluate_all` computes all five, sorting the pixels once.
+Selection helpers: :func:`validation_score` (the ``val_score`` of a search and of the fusion
+choice) and :func:`f1_threshold` (the F1-optimal image threshold on a validation set).
 
 Conventions shared by every metric
 ----------------------------------
@@ -152,6 +154,24 @@ def evaluate_all(scores, labels, maps: ArrayOrList, masks: ArrayOrList,
     merged = {**image, **pixel}
     return {key: merged[key]
             for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max")}
+
+
+def validation_score(image_auroc: float, pixel_auroc: float) -> float:
+    """The validation score a search maximises and the fusion is chosen by (``val_score``): the
+    mean of image AUROC and pixel AUROC."""
+    return (image_auroc + pixel_auroc) / 2
+
+
+def f1_threshold(scores: np.ndarray, labels: np.ndarray) -> float:
+    """The image threshold with the best F1 on the validation set (score >= t is anomalous)."""
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)
+    fp = np.cumsum(1 - y)
+    last = np.r_[s[1:] != s[:-1], True]  # one point per distinct score
+    f1 = 2 * tp / (tp + fp + y.sum())
+    best = int(np.argmax(np.where(last, f1, -1)))
+    return float(s[best])
 
 
 # ---------------------------------------------------------------------------------------------

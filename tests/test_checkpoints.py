@@ -67,8 +67,7 @@ def test_a_format_1_checkpoint_with_every_tensor_still_loads(tmp_path):
 
 
 def test_an_ended_trial_keeps_no_optimizer_state(tmp_path):
-    from distributed.checkpoints import drop_trial_checkpoints, strip_optimizer_state
-    from distributed.train import CHECKPOINT_STATE
+    from distributed.checkpoints import CHECKPOINT_STATE, drop_trial_checkpoints, strip_optimizer_state
 
     folder = tmp_path / "trial" / "checkpoint_000001"
     folder.mkdir(parents=True)

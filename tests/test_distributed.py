@@ -134,7 +134,7 @@ def _kill_one_train_worker(storage: Path, killed: list, deadline: float):
 
 
 def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, synthetic_root, local_ray):
-    from distributed.train import Resources, TrainJob, run_training
+    from distributed.trial import Resources, TrainJob, run_training
 
     job = TrainJob(model="hvq_trans", dataset="mvtec", root=str(synthetic_root), classes=["washer"],
                    model_config={"image_size": 64, "levels": 2, "codebook_size": 16},
@@ -311,7 +311,7 @@ class RecordingSession:
 
 
 def diverging_job(synthetic_root, lr):
-    from distributed.train import TrainJob
+    from distributed.trial import TrainJob
 
     return TrainJob(model="hvq_trans", dataset="mvtec", root=str(synthetic_root), classes=["washer"],
                     recipe={**dataclasses.asdict(Recipe()), "epochs": 2, "batch_size": 4, "lr": lr},
@@ -319,7 +319,7 @@ def diverging_job(synthetic_root, lr):
 
 
 def test_train_loop_stops_and_reports_a_diverged_run(synthetic_root):
-    from distributed.train import train_loop
+    from distributed.trial import train_loop
 
     session = RecordingSession()
     assert train_loop(diverging_job(synthetic_root, 1e30), session) is False
@@ -333,7 +333,7 @@ def test_train_loop_stops_and_reports_a_diverged_run(synthetic_root):
 
 def test_a_unified_hvq_trans_reports_how_often_cheap_routing_agrees_with_the_full_rule(synthetic_root):
     from distributed.spec import build_spec, spec_job
-    from distributed.train import TrainJob, train_loop
+    from distributed.trial import TrainJob, train_loop
 
     spec = build_spec("u", "hvq_trans", ("washer", "pill"), "fast",
                       {"image_size": 64, "levels": 2, "codebook_size": 16}, n_train=40, epochs_cap=1)
@@ -358,7 +358,8 @@ def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root,
 
     from distributed.monitor import DropOptimizerState
     from distributed.results import trial_rows
-    from distributed.train import CHECKPOINT_STATE, tune_trial
+    from distributed.checkpoints import CHECKPOINT_STATE
+    from distributed.trial import tune_trial
 
     base = diverging_job(synthetic_root, 1e-3).to_dict()
     trainable = tune.with_resources(tune.with_parameters(tune_trial, bases={"s": base}, storage=str(tmp_path / "train"),

@@ -8,7 +8,8 @@ from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
 from ensembles import metrics
-from ensembles.metrics import aupro, evaluate_all, f1_max, image_auroc, pixel_auroc, pixel_f1_max
+from ensembles.metrics import (aupro, evaluate_all, f1_max, f1_threshold, image_auroc, pixel_auroc, pixel_f1_max,
+                               validation_score)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -412,3 +413,14 @@ def test_invalid_masks_labels_and_limits_raise():
         aupro(maps, np.ones((1, 4, 4)), fpr_limit=0.0)
     with pytest.raises(ValueError, match="maps must have shape"):
         pixel_auroc(np.zeros(5), np.zeros(5))
+
+
+def test_f1_threshold_reaches_f1_max_and_validation_score_is_the_mean():
+    rng = np.random.default_rng(3)
+    scores = np.round(rng.random(200), 2)  # many ties: a threshold keeps or drops a whole tie
+    labels = (rng.random(200) < 0.3).astype(int)
+    t = f1_threshold(scores, labels)
+    pred = scores >= t
+    assert t in scores
+    assert 2 * (pred & (labels == 1)).sum() / (pred.sum() + labels.sum()) == pytest.approx(f1_max(scores, labels))
+    assert validation_score(0.9, 0.7) == (0.9 + 0.7) / 2

@@ -7,9 +7,8 @@ import warnings
 import optuna
 import pytest
 
-from distributed.spec import SpecError, build_spec
-from distributed.train import job_from_trial_config
-from distributed.spec import spec_job
+from distributed.spec import SpecError, build_spec, spec_job
+from distributed.trial import job_from_trial_config
 from models import model_class
 from models.transformaly import parse_layers
 
@@ -123,7 +122,7 @@ def test_the_papers_setting_is_kept_unless_beaten_by_the_margin(tmp_path):
     import pandas as pd
 
     from distributed.results import SEARCH_MARGIN, best_result
-    from distributed.train import CHECKPOINT_MODEL
+    from distributed.checkpoints import CHECKPOINT_MODEL
 
     def trial(name, score, **config):
         ckpt = tmp_path / name

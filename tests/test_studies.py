@@ -11,7 +11,8 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
 from distributed import monitor
-from distributed.studies import SearchOptions, Study, StudyScheduler, StudySearcher, make_search
+from distributed.studies import SearchOptions, Study, StudyScheduler, make_search
+from ensembles.run_folder import PROGRESS_FILE
 
 
 def toy_space(trial, offset):
@@ -136,7 +137,7 @@ def test_progress_prints_one_line_per_study_and_only_changes_in_a_log(tmp_path):
     assert all(len(b.strip().splitlines()) == 3 for b in blocks)      # header + one line per study
     assert "m-a" in blocks[1] and "done  1/2" in blocks[1] and "best val_score 0.800" in blocks[1]
     assert "epochs 3" in blocks[1]
-    summary = json.loads((tmp_path / monitor.PROGRESS_FILE).read_text())
+    summary = json.loads((tmp_path / PROGRESS_FILE).read_text())
     assert set(summary["trial_wait_s"]) == {"2"} and summary["longest_trial_wait_s"] >= 0
 
 
