@@ -40,7 +40,7 @@ VARIANTS = {
 
 def variant_size(name: str) -> int:
     model, preset, overrides = VARIANTS[name]
-    return {**model_class(model).presets[preset], **overrides}["image_size"]
+    return {**model_class(model).config_class.preset_values(preset), **overrides}["image_size"]
 
 
 def build(name: str, size: int, device):

@@ -27,7 +27,6 @@ def main(argv=None) -> int:
 
     from anomaly_data.synthetic import generate_dataset
     from distributed.trial import Resources, TrainJob, run_training
-    from models.training import Recipe
 
     p = argparse.ArgumentParser(prog="python -m bench.scaling", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="hvq_trans")
@@ -43,9 +42,8 @@ def main(argv=None) -> int:
     cpus = int(ray.cluster_resources().get("CPU", 1))
     gpus = int(ray.cluster_resources().get("GPU", 0))
     print(f"machine: {machine()}; Ray sees {cpus} CPUs, {gpus} GPUs")
-    job = TrainJob(model=a.model, dataset="mvtec", root=str(root), classes=["brick"],
-                   recipe={**dataclasses.asdict(Recipe()), "epochs": 2, "batch_size": a.batch_size}, val_fraction=8 / (a.train_images + 8),
-                   model_config={"image_size": a.image_size})
+    job = dataclasses.replace(TrainJob.of(a.model, "mvtec", root, ["brick"], recipe={"epochs": 2, "batch_size": a.batch_size},
+                                          image_size=a.image_size), val_fraction=8 / (a.train_images + 8))
     if gpus:
         layouts = [(n, 1.0, 1.0) for n in sorted({1, 2, gpus}) if n <= gpus]
     else:

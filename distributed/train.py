@@ -20,7 +20,6 @@ import argparse
 import functools
 import os
 import sys
-from typing import Any
 
 from ray import tune
 
@@ -29,11 +28,11 @@ from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_ar
 from distributed.results import collect_best, format_table
 from distributed.spec import SpecError, build_specs, spec_job
 from distributed.studies import Study
-from distributed.trial import METRIC, MODE, tune_trial
+from distributed.trial import METRIC, MODE, TrainJob, tune_trial
 from ensembles.run_folder import CONFIG_FILE, TRAIN_DIR, TUNE_DIR, group_key
 
 
-def spec_jobs(ctx: RunContext, specs: dict, skip_bad_images: bool) -> dict[str, dict[str, Any]]:
+def spec_jobs(ctx: RunContext, specs: dict, skip_bad_images: bool) -> dict[str, TrainJob]:
     """Per study key, the training job of its spec (``distributed.spec``) on this run's data."""
     return {key: spec_job(spec, ctx.dataset, str(ctx.root), ctx.seed, skip_bad_images) for key, spec in specs.items()}
 
@@ -44,7 +43,7 @@ def run_grid(ctx: RunContext, specs: dict, skip_bad_images: bool) -> str:
     model = next(iter(specs.values())).model
     start_ray(ctx)
     fill_resources(ctx)
-    write_json(ctx.run_dir / CONFIG_FILE, {"command": "train", "jobs": bases,
+    write_json(ctx.run_dir / CONFIG_FILE, {"command": "train", "jobs": {k: b.to_dict() for k, b in bases.items()},
                                            "specs": {k: s.summary() for k, s in specs.items()},
                                            "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
     trainable = tune.with_resources(
@@ -56,7 +55,7 @@ def run_grid(ctx: RunContext, specs: dict, skip_bad_images: bool) -> str:
                        run_config=tune.RunConfig(name="train", storage_path=str(ctx.run_dir / TUNE_DIR),
                                                  failure_config=tune.FailureConfig(max_failures=0)))
     grid = tuner.fit()
-    best = collect_best(grid, ctx.run_dir, model, {k: b["classes"] for k, b in bases.items()})
+    best = collect_best(grid, ctx.run_dir, model, {k: list(b.classes) for k, b in bases.items()})
     return format_table(best)
 
 

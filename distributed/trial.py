@@ -16,7 +16,7 @@ import json
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -36,9 +36,9 @@ from distributed.checkpoints import CHECKPOINT_MODEL, CHECKPOINT_STATE, strip_al
 from distributed.studies import REUSE_WAIT_ENV, REUSE_WAIT_S
 from ensembles.metrics import image_auroc, pixel_auroc, validation_score
 from ensembles.run_folder import TRAIN_RUN_PREFIX
-from models import config_fields, create_model, load_model, model_class
-from models.training import (NonFiniteLossError, Recipe, make_lr_schedule, make_optimizer, recipe_fields,
-                             score_loader, train_epoch, unwrap)
+from models import ModelConfig, load_model, model_class
+from models.config import Recipe
+from models.training import NonFiniteLossError, make_lr_schedule, make_optimizer, score_loader, train_epoch, unwrap
 
 METRIC = "val_score"
 SPLITS_CACHE = DEFAULT_CACHE_ROOT / "splits"
@@ -48,48 +48,45 @@ ROUTING_CHECK_IMAGES = 32  # validation images on which prototype routing is che
 PLACEMENT_GROUP_KEY = "placement_group"  # reported by Ray Train workers: their worker group's
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainJob:
-    """Everything one training run needs; plain data so it travels to Ray workers as a dict."""
+    """Everything one training run needs. It travels to Tune trials and Train workers as it is
+    (pickled), so the model config stays the checked ``ModelConfig`` the spec built."""
 
     model: str
     dataset: str
     root: str
-    classes: list[str]
-    preset: str = "fast"
-    model_config: dict[str, Any] = field(default_factory=dict)
-    """Over the preset (``distributed.spec`` gives every field)."""
-    recipe: dict[str, Any] = field(default_factory=lambda: dataclasses.asdict(Recipe()))
-    """``models.training.Recipe`` fields; ``epochs`` are passes over the training images."""
+    classes: tuple[str, ...]
+    config: ModelConfig
+    """Every field of the model's config (``distributed.spec``)."""
+    recipe: Recipe
+    """``epochs`` are passes over the training images."""
     val_fraction: float = 0.2
     seed: int = 0
     skip_bad_images: bool = False
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "TrainJob":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in names})
+    def of(cls, model: str, dataset: str, root: str, classes, preset: str = "fast", recipe: dict | None = None,
+           **config) -> "TrainJob":
+        """``model``'s ``preset`` with ``config`` and ``recipe`` overrides (for tests and benches)."""
+        model_cls = model_class(model)
+        return cls(model, dataset, str(root), tuple(classes), model_cls.config_class.from_preset(preset, **config),
+                   model_cls.recipe(preset).replace(**(recipe or {})))
+
+    def with_trial(self, params: dict[str, Any]) -> "TrainJob":
+        """A trial's sampled values: model-config fields into the config, recipe fields (``lr``)
+        into the recipe, each checked; search-only helpers (HaloAE's ``depth``) are dropped.
+        (Pinned fields are never sampled: ``search_spaces.PinnedTrial``.)"""
+        fields, recipe_fields = self.config.field_types(), Recipe.field_types()
+        return dataclasses.replace(self, config=self.config.replace(**{k: v for k, v in params.items() if k in fields}),
+                                   recipe=self.recipe.replace(**{k: v for k, v in params.items() if k in recipe_fields}))
 
     def to_dict(self) -> dict[str, Any]:
+        """For config.json and checkpoints (plain JSON)."""
         return dataclasses.asdict(self)
 
-    def training_recipe(self) -> Recipe:
-        return Recipe(**self.recipe)
-
-    @property
-    def epochs(self) -> int:
-        return int(self.recipe["epochs"])
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.recipe["batch_size"])
-
-    @property
-    def lr(self) -> float:
-        return float(self.recipe["lr"])
-
     def build_model(self):
-        return create_model(self.model, self.preset, **self.model_config)
+        return model_class(self.model)(self.config)
 
 
 def model_trains(model: str) -> bool:
@@ -198,10 +195,10 @@ def fit_loop(model, job: TrainJob, session: TrainSession, splits) -> bool:
     epoch 1 (no optimiser, no DDP; Tune treats it as a one-iteration trial)."""
     started = time.perf_counter()
     model.eval()
-    model.fit_statistics(DataLoader(splits.train, batch_size=job.batch_size))
+    model.fit_statistics(DataLoader(splits.train, batch_size=job.recipe.batch_size))
     metrics = {"epoch": 1, "train_loss": 0.0, "epoch_seconds": time.perf_counter() - started,
                "node": session.node, "diverged": 0}
-    metrics.update(validation_metrics(model, splits.validation, session.device, job.batch_size))
+    metrics.update(validation_metrics(model, splits.validation, session.device, job.recipe.batch_size))
     session.report(metrics, lambda d, m=dict(metrics): save_checkpoint(d, model, None, 0, m, job))
     return True
 
@@ -216,7 +213,7 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
     model.to(session.device)
     if not model.trains:
         return fit_loop(model, job, session, splits)
-    recipe = job.training_recipe()
+    recipe = job.recipe
     optimizer = make_optimizer(model, recipe.lr, recipe)
     schedule = make_lr_schedule(optimizer, recipe)
     start = 0
@@ -226,9 +223,9 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
         if schedule is not None:  # the saved optimiser has the stepped learning rate already
             schedule.last_epoch = start
     torch.manual_seed(job.seed + 1000 * session.rank + start)
-    drop_last = len(splits.train) >= 2 * job.batch_size * session.world
-    model, loader = session.prepare(model, splits.train, job.batch_size, drop_last)
-    for epoch in range(start, job.epochs):
+    drop_last = len(splits.train) >= 2 * job.recipe.batch_size * session.world
+    model, loader = session.prepare(model, splits.train, job.recipe.batch_size, drop_last)
+    for epoch in range(start, job.recipe.epochs):
         if session.world > 1:
             loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
@@ -247,8 +244,8 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
         if session.rank == 0:
             net = unwrap(model)
             net.eval()
-            net.fit_statistics(DataLoader(splits.train, batch_size=job.batch_size))
-            metrics.update(validation_metrics(net, splits.validation, session.device, job.batch_size))
+            net.fit_statistics(DataLoader(splits.train, batch_size=job.recipe.batch_size))
+            metrics.update(validation_metrics(net, splits.validation, session.device, job.recipe.batch_size))
             metrics["diverged"] = 0
         session.report(metrics, lambda d, e=epoch, m=dict(metrics): save_checkpoint(d, model, optimizer, e, m, job))
     return True
@@ -256,7 +253,7 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
 
 def train_worker(config: dict[str, Any]) -> None:
     """The per-worker function of ``TorchTrainer`` (DDP when more than one worker)."""
-    train_loop(TrainJob.from_dict(config), TrainSession())
+    train_loop(config["job"], TrainSession())
 
 
 @dataclass
@@ -280,7 +277,7 @@ def run_training(job: TrainJob, storage: str, name: str, resources: Resources, c
                  max_failures: int = 2):
     """Fit one ``TorchTrainer``; the same ``storage`` + ``name`` resumes from its last checkpoint."""
     trainer = TorchTrainer(
-        train_worker, train_loop_config=job.to_dict(), scaling_config=resources.scaling_config(),
+        train_worker, train_loop_config={"job": job}, scaling_config=resources.scaling_config(),
         run_config=ray.train.RunConfig(
             name=name, storage_path=str(storage), callbacks=list(callbacks),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
@@ -289,23 +286,11 @@ def run_training(job: TrainJob, storage: str, name: str, resources: Resources, c
     return trainer.fit()
 
 
-def job_from_trial_config(base: dict[str, Any], config: dict[str, Any]) -> TrainJob:
-    """Sampled values go to the recipe (``lr``) or to the model config when they are its fields;
-    search-only helpers (e.g. HaloAE's ``depth``) are dropped here. (Pinned fields are never
-    sampled: ``search_spaces.PinnedTrial``.)"""
-    fields = config_fields(base["model"])
-    merged = dict(base)
-    merged["model_config"] = {**base.get("model_config", {}), **{k: v for k, v in config.items() if k in fields}}
-    merged["recipe"] = {**base.get("recipe", dataclasses.asdict(Recipe())),
-                        **{k: v for k, v in config.items() if k in recipe_fields()}}
-    return TrainJob.from_dict(merged)
-
-
 class TrialDiverged(RuntimeError):
     """The training loss became NaN/inf: the trial is reported as failed."""
 
 
-def tune_trial(config: dict[str, Any], bases: dict[str, dict[str, Any]], storage: str,
+def tune_trial(config: dict[str, Any], bases: dict[str, TrainJob], storage: str,
                resources: dict[str, float]) -> None:
     """A Ray Tune function trial: one training run of the study ``config["study"]``.
 
@@ -314,7 +299,7 @@ def tune_trial(config: dict[str, Any], bases: dict[str, dict[str, Any]], storage
     DDP run; its workers report their placement group, which the driver removes when the
     trial ends (``distributed.monitor.PlacementGroupWatch``)."""
     os.environ[REUSE_WAIT_ENV] = str(REUSE_WAIT_S)
-    job = job_from_trial_config(bases[config["study"]], config)
+    job = bases[config["study"]].with_trial(config)
     resources = Resources(**resources)
     if trains_in_trial(resources.workers, job.model):
         diverged = not train_loop(job, TrainSession(in_tune_trial=True))
@@ -323,4 +308,4 @@ def tune_trial(config: dict[str, Any], bases: dict[str, dict[str, Any]], storage
         metrics = run_training(job, storage, name, resources, callbacks=[TuneReportCallback()]).metrics or {}
         diverged = bool(metrics.get("diverged"))
     if diverged:
-        raise TrialDiverged(f"{job.model} on {','.join(job.classes)} diverged (NaN/inf loss) with lr={job.lr}")
+        raise TrialDiverged(f"{job.model} on {','.join(job.classes)} diverged (NaN/inf loss) with lr={job.recipe.lr}")

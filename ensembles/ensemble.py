@@ -28,6 +28,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anomaly_data.transforms import resize_image
 from ensembles.fusion import QuantileNormalizer, RankTable, blur, fuse_maps
 
 FORMAT = 1
@@ -90,8 +91,9 @@ class ClassFusion:
         return [m for m, w in zip(self.members, self.weights) if w > 0]
 
 
-def to_tensor_batch(images) -> torch.Tensor:
-    """``[B,3,H,W]`` float in [0,1] from a tensor, a PIL image / list of them, or ``uint8`` arrays."""
+def to_tensor_batch(images, side: int) -> torch.Tensor:
+    """``[B,3,H,W]`` float in [0,1] from a tensor (as it is), or from PIL images or ``uint8``
+    arrays, resized to ``side`` as the datasets are (``anomaly_data.transforms.resize_image``)."""
     if torch.is_tensor(images):
         x = images.float() / 255.0 if images.dtype == torch.uint8 else images.float()
         if x.numel() and (x.min() < 0 or x.max() > 1):
@@ -107,23 +109,17 @@ def to_tensor_batch(images) -> torch.Tensor:
         arr = np.asarray(item.convert("RGB")) if hasattr(item, "convert") else np.asarray(item)
         if arr.ndim == 2:
             arr = np.repeat(arr[..., None], 3, axis=2)
-        arrays.append(torch.from_numpy(np.ascontiguousarray(arr[..., :3])).permute(2, 0, 1).float() / 255.0)
-    sizes = {tuple(a.shape[-2:]) for a in arrays}
-    if len(sizes) > 1:
-        side = max(max(s) for s in sizes)
-        arrays = [F.interpolate(a[None], size=(side, side), mode="bilinear", align_corners=False)[0] for a in arrays]
+        arr = resize_image(np.ascontiguousarray(arr[..., :3], dtype=np.uint8), side)
+        arrays.append(torch.from_numpy(arr).permute(2, 0, 1).float() / 255.0)
     return torch.stack(arrays)
 
 
 @torch.no_grad()
 def run_members(models: dict[str, Any], x: torch.Tensor, resolution: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each model's ``(image scores [B], maps [B,1,R,R])``; inputs resized to each model's size."""
+    """Each model's ``(image scores [B], maps [B,1,R,R])`` (each model resizes its input itself)."""
     out = {}
     for name, net in models.items():
-        side = net.config.image_size
-        xi = x if tuple(x.shape[-2:]) == (side, side) else \
-            F.interpolate(x, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        scores, maps = net.predict(xi)
+        scores, maps = net.predict(x)
         if tuple(maps.shape[-2:]) != (resolution, resolution):
             maps = F.interpolate(maps, size=(resolution, resolution), mode="bilinear", align_corners=False)
         out[name] = (scores.float(), maps.float())
@@ -209,7 +205,7 @@ class Ensemble:
         """Each member's own ``(image scores [B], maps [B,1,R,R])``, maps at the fusion resolution."""
         fusion = self.fusion_for(class_name)
         models = {m: self.members[fusion.member_files[m]] for m in fusion.members}
-        return run_members(models, to_tensor_batch(images).to(self.device), fusion.resolution)
+        return run_members(models, to_tensor_batch(images, fusion.resolution).to(self.device), fusion.resolution)
 
     def fuse(self, fusion: ClassFusion, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
              choice: FusionChoice | None = None):

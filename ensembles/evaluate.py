@@ -26,10 +26,12 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from anomaly_data import DATASET_KINDS, DatasetError, load_records, read_dataset, read_mask
+from anomaly_data.transforms import resize_mask
 from ensembles.ensemble import Ensemble, EnsembleError, FusionChoice
 from ensembles.fit import ABLATION_PREFIX
 from ensembles.metrics import evaluate_all
 from ensembles.overlays import save_overlay
+from models.training import score_outputs
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max")
 VAL_METRICS = ("val_image_auroc", "val_pixel_auroc")
@@ -49,8 +51,8 @@ def ground_truth(records, resolution: int, pixel_resolution: str) -> list[np.nda
             masks.append(np.zeros(size, dtype=np.uint8))
             continue
         mask = read_mask(r.mask_path)
-        if pixel_resolution == "input" and mask.shape != size:
-            mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(size[::-1], Image.NEAREST)) > 0
+        if pixel_resolution == "input":
+            mask = resize_mask(mask, size)
         masks.append(mask.astype(np.uint8))
     return masks
 
@@ -70,18 +72,13 @@ def score_class(ens: Ensemble, class_name: str, records, batch_size: int = 8):
     fusion = ens.fusion_for(class_name)
     dataset = load_records(records, [class_name], fusion.resolution)
     fusions = {**{name: FusionChoice(**c) for name, c in fusion.ablations.items()}, ENSEMBLE: fusion.choice}
-    scores: dict[str, list] = {m: [] for m in fusion.members + list(fusions)}
-    maps: dict[str, list] = {m: [] for m in fusion.members + list(fusions)}
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        outputs = ens.member_outputs(batch["image"], class_name)
-        for m, (s, mp) in outputs.items():
-            scores[m].append(s.cpu())
-            maps[m].append(mp.cpu())
-        for name, choice in fusions.items():
-            fused_scores, fused_maps = ens.fuse(fusion, outputs, choice)
-            scores[name].append(fused_scores.cpu())
-            maps[name].append(fused_maps.cpu())
-    return dataset, {m: (torch.cat(scores[m]).numpy(), torch.cat(maps[m])) for m in scores}
+
+    def members_and_fusions(images):
+        outputs = ens.member_outputs(images, class_name)
+        return {**outputs, **{name: ens.fuse(fusion, outputs, choice) for name, choice in fusions.items()}}
+
+    outputs = score_outputs(members_and_fusions, DataLoader(dataset, batch_size=batch_size), ens.device)[0]
+    return dataset, {m: (scores.numpy(), maps) for m, (scores, maps) in outputs.items()}
 
 
 def evaluate_class(ens: Ensemble, class_name: str, records, pixel_resolution: str, overlay_dir: Path | None,

@@ -23,6 +23,7 @@ The candidate finally kept is the procedure's choice on all kinds together.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import warnings
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from torch.utils.data import DataLoader
 
 from ensembles.ensemble import ClassFusion, FusionChoice, run_members
 from ensembles.fusion import QuantileNormalizer, RankTable, blur, fuse_maps
+from models.training import score_outputs
 from ensembles.metrics import f1_threshold, image_auroc, pixel_auroc, validation_score
 
 SIGMAS = (0.0, 1 / 32)             # blur sigma as a fraction of the side
@@ -46,14 +48,8 @@ ABLATION_PREFIX = "fused:"
 
 def score_dataset(models: dict[str, Any], dataset, resolution: int, device, batch_size: int = 8):
     """Member scores ``[N]`` and maps ``[N,1,R,R]`` (CPU tensors) over ``dataset``."""
-    scores: dict[str, list] = {m: [] for m in models}
-    maps: dict[str, list] = {m: [] for m in models}
-    for batch in DataLoader(dataset, batch_size=batch_size):
-        out = run_members(models, batch["image"].to(device), resolution)
-        for m, (s, mp) in out.items():
-            scores[m].append(s.cpu())
-            maps[m].append(mp.cpu())
-    return {m: (torch.cat(scores[m]), torch.cat(maps[m])) for m in models}
+    members = functools.partial(run_members, models, resolution=resolution)
+    return score_outputs(members, DataLoader(dataset, batch_size=batch_size), device)[0]
 
 
 def f1_at(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float:

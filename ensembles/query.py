@@ -24,7 +24,6 @@ from PIL import Image
 
 from anomaly_data import DatasetError, read_image
 from anomaly_data.records import IMAGE_EXTENSIONS
-from anomaly_data.transforms import resize_image
 from ensembles.ensemble import Ensemble, EnsembleError
 
 def expand_paths(items: Iterable) -> Iterator[tuple[Path, Path]]:
@@ -73,10 +72,7 @@ def score_files(ensemble: Ensemble, named_paths: Iterable[tuple[Path, Path]], cl
     written: set[Path] = set()
 
     def flush():
-        # the same resize as the datasets (PIL bilinear), so a query scores exactly like evaluation
-        x = torch.stack([torch.from_numpy(resize_image(img, fusion.resolution)).permute(2, 0, 1).float() / 255.0
-                         for _, _, img in batch])
-        result = ensemble.predict(x, fusion.class_name)
+        result = ensemble.predict([img for _, _, img in batch], fusion.class_name)  # resized as the datasets are
         for i, (path, name, img) in enumerate(batch):
             row = {"path": str(path), "class": fusion.class_name, "score": float(result["scores"][i]),
                    "anomalous": bool(result["anomalous"][i]), "threshold": fusion.threshold}

@@ -6,39 +6,54 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
+import pkgutil
 import warnings
 from pathlib import Path
 
 import timm
 import torch
 
-from models.base import CHECKPOINT_FORMAT, AnomalyModel, ConfigError
+from models.base import CHECKPOINT_FORMAT, AnomalyModel
+from models.config import ConfigError, ModelConfig
 
-# name -> "module:Class"; adding a model is one file in models/ and one line here
-_REGISTRY = {
-    "haloae": "models.haloae:HaloAE",
-    "hvq_trans": "models.hvq_trans:HVQTrans",
-    "transformaly": "models.transformaly:Transformaly",
-    "patchcore": "models.patchcore:PatchCore",
-}
+# The one registry: a model is one file in models/ whose class carries @register_model.
+_MODELS: dict[str, type[AnomalyModel]] = {}
+_NOT_MODELS = {"base", "backbones", "config", "layers", "training"}
+
+
+def register_model(space: str):
+    """Class decorator: registers the model under its ``name``, with ``space`` the module of its
+    search space (``search_spaces.<file>``); the config learns the name it reports errors under."""
+    def add(cls: type[AnomalyModel]) -> type[AnomalyModel]:
+        if _MODELS.get(cls.name, cls) is not cls:
+            raise ValueError(f"two models are registered as {cls.name!r}: {_MODELS[cls.name]} and {cls}")
+        if not issubclass(cls.config_class, ModelConfig):
+            raise TypeError(f"{cls.name}: its config_class must derive from models.config.ModelConfig")
+        cls.config_class.owner = cls.name
+        cls.search_space = space
+        _MODELS[cls.name] = cls
+        return cls
+    return add
+
+
+def _registry() -> dict[str, type[AnomalyModel]]:
+    """Every model file of this package, imported once (its decorator registers it)."""
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in _NOT_MODELS:
+            importlib.import_module(f"{__name__}.{info.name}")
+    return _MODELS
 
 
 def model_names() -> list[str]:
-    return list(_REGISTRY)
+    return sorted(_registry())
 
 
 def model_class(name: str) -> type[AnomalyModel]:
-    if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; choose one of {model_names()}")
-    module, cls = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)
-
-
-def config_fields(name: str) -> dict[str, dataclasses.Field]:
-    """Model ``name``'s config fields by name."""
-    return {f.name: f for f in dataclasses.fields(model_class(name).config_class)}
+    models = _registry()
+    if name not in models:
+        raise ConfigError(f"unknown model {name!r}; choose one of {sorted(models)}")
+    return models[name]
 
 
 def create_model(name: str, preset: str | None = None, **config) -> AnomalyModel:
@@ -101,4 +116,6 @@ def _load_full_checkpoint(ckpt: dict, path: Path) -> AnomalyModel:
     return model
 
 
-__all__ = ["AnomalyModel", "ConfigError", "config_fields", "create_model", "load_model", "model_class", "model_names"]
+__all__ = ["AnomalyModel", "ConfigError", "ModelConfig", "create_model", "load_model", "model_class", "model_names",
+           "register_model"]
+

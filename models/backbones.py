@@ -19,10 +19,13 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
+from typing import Sequence
 
 import timm
 import torch
-from torch import nn
+from torch import Tensor, nn
+
+from models.config import ConfigError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -73,6 +76,12 @@ def input_normalization(arch: str, weights: str) -> tuple[tuple[float, ...], tup
     if cfg is not None and getattr(cfg, "mean", None) is not None:
         return tuple(cfg.mean), tuple(cfg.std)
     return IMAGENET_MEAN, IMAGENET_STD
+
+
+def normalize(images: torch.Tensor, mean, std) -> torch.Tensor:
+    m = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+    return (images - m) / s
 
 
 def packaged_state_dict_path() -> str:
@@ -268,13 +277,21 @@ def cnn_maps(net: nn.Module, images: torch.Tensor) -> list[torch.Tensor]:
     return [m.contiguous() for m in maps]
 
 
-def create_feature_backbone(arch: str, weights: str, out_indices) -> tuple[nn.Module, str]:
-    """A frozen ``features_only`` CNN returning the maps at ``out_indices``, and its weights label.
+def create_feature_backbone(arch: str, weights: str, out_indices, owner: str = "backbone",
+                            field: str = "out_indices") -> tuple[nn.Module, str]:
+    """A frozen ``features_only`` CNN returning the maps at ``out_indices``, and its weights label;
+    a ``ConfigError`` (from ``owner``, naming ``field``) when ``arch`` or the stages do not exist.
 
     Run it with :func:`cnn_maps`.
     """
-    with frozen_init():
-        net = timm.create_model(arch, pretrained=False, features_only=True, out_indices=tuple(out_indices))
+    if not timm.is_model(arch):
+        raise ConfigError(f"{owner}: backbone {arch!r} is not a timm model; choose a timm CNN such as "
+                          "'tf_efficientnet_lite0', 'tf_efficientnet_b4' or 'wide_resnet50_2'")
+    try:
+        with frozen_init():
+            net = timm.create_model(arch, pretrained=False, features_only=True, out_indices=tuple(out_indices))
+    except (IndexError, AssertionError) as err:
+        raise ConfigError(f"{owner}: {field}={tuple(out_indices)} are not stages of {arch!r} ({err})") from err
     label = load_weights_into(net, arch, weights)
     return optimize_frozen_cnn(net), label
 
@@ -285,3 +302,57 @@ def create_classifier(arch: str, weights: str) -> tuple[nn.Module, str]:
         net = timm.create_model(arch, pretrained=False)
     label = load_weights_into(net, arch, weights)
     return freeze(net), label
+
+
+def drop_stages_after_last(net: nn.Module) -> None:
+    """Drop the blocks of a features_only EfficientNet after its deepest requested stage (they
+    only cost time)."""
+    blocks = getattr(net, "blocks", None)
+    stage_ids = getattr(net, "_stage_out_idx", None)
+    if isinstance(blocks, nn.Sequential) and stage_ids:
+        net.blocks = blocks[: max(stage_ids)]
+
+
+class VGGFeatures(nn.Module):
+    """The convolutional stack of a timm VGG, cut after the deepest requested ReLU.
+
+    ``features`` keeps timm's module indices, so its state-dict keys are those of the full
+    model and ``backbones.load_weights_into`` fills it. The full model is built on the meta
+    device (no memory, no init time) and only the kept layers are materialised.
+    """
+
+    def __init__(self, arch: str, layer_names: Sequence[str]):
+        super().__init__()
+        with torch.device("meta"):
+            full = timm.create_model(arch, pretrained=False)
+        names: dict[str, int] = {}
+        stage, conv, last_channels = 1, 0, {}
+        channels = 3
+        for index, module in enumerate(full.features):
+            if isinstance(module, nn.MaxPool2d):
+                stage, conv = stage + 1, 0
+            elif isinstance(module, nn.Conv2d):
+                conv += 1
+                channels = module.out_channels
+            elif isinstance(module, nn.ReLU):
+                names[f"relu{stage}_{conv}"] = index
+                last_channels[f"relu{stage}_{conv}"] = channels
+        unknown = [n for n in layer_names if n not in names]
+        if unknown:
+            raise WeightsError(f"{arch} has no layer {unknown}; choose among {list(names)}")
+        self.taps = [names[n] for n in layer_names]
+        self.channels = [last_channels[n] for n in layer_names]
+        kept = list(full.features)[: max(self.taps) + 1]
+        self.features = nn.Sequential(*kept).to_empty(device="cpu")
+        for module in self.features:
+            if isinstance(module, nn.Conv2d):
+                module.reset_parameters()
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        taps = set(self.taps)
+        found: dict[int, Tensor] = {}
+        for index, module in enumerate(self.features):
+            x = module(x)
+            if index in taps:
+                found[index] = x
+        return [found[t] for t in self.taps]

@@ -1,19 +1,25 @@
 """The interface every detector implements, and what they share.
 
-A model takes images as float tensors ``[B, 3, H, W]`` in ``[0, 1]`` (RGB) and normalises them
-itself for its backbone, so the ensemble can feed one tensor to every member. Batches are the
-dicts produced by ``anomaly_data`` (keys ``image``, ``mask``, ``label``, ``class_index``, ...).
+The input contract, the same for every model: images are float tensors ``[B, 3, H, W]`` in
+``[0, 1]`` (RGB) of any size; ``prepare`` resizes them to the config's ``image_size`` and
+normalises them with the backbone's data config (its mean and std), in this one place; maps come
+back at the size of the input. ``predict`` is the one scoring path (training validation, fusion
+fitting, evaluation and queries all call it), so a model's image-score rule is the same
+everywhere. Batches are the dicts produced by ``anomaly_data`` (keys ``image``, ``mask``,
+``label``, ``class_index``, ...).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, ClassVar, Iterable
 
+import timm
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models import backbones
+from models.config import ModelConfig, Recipe
 from models.layers.blur import gaussian_blur
 
 # 1: every tensor; 2: no frozen tensor (the backbone is rebuilt from the config and checked
@@ -21,71 +27,51 @@ from models.layers.blur import gaussian_blur
 CHECKPOINT_FORMAT = 2
 
 
-class ConfigError(ValueError):
-    """An invalid model configuration (names the parameter and what to do)."""
-
-
-def normalize(images: Tensor, mean, std) -> Tensor:
-    m = torch.as_tensor(mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-    return (images - m) / s
+def at_size(maps: Tensor, images: Tensor) -> Tensor:
+    """``maps`` resized (bilinear) to the height and width of ``images``."""
+    if maps.shape[-2:] == images.shape[-2:]:
+        return maps
+    return F.interpolate(maps, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
 class AnomalyModel(nn.Module):
-    """Base class: a detector built from a config dataclass.
+    """Base class: a detector built from its ``ModelConfig``.
 
-    Subclasses set ``name``, ``config_class`` and ``presets`` (name -> dict of config
-    overrides), and implement ``loss`` and ``anomaly_map``. Frozen parts (backbones, teachers)
-    are registered in ``frozen_modules()`` and stay in eval mode even in ``train()``.
+    Subclasses set ``name`` and ``config_class`` (presets and recipes live on the config), are
+    registered with ``models.register_model``, and implement ``loss`` and ``map_of`` (and
+    ``score`` when the image score is not the blurred map's maximum). Frozen parts (backbones,
+    teachers) are registered in ``frozen_modules()`` and stay in eval mode even in ``train()``.
     """
 
     name: ClassVar[str] = ""
-    config_class: ClassVar[type] = object
-    presets: ClassVar[dict[str, dict[str, Any]]] = {}
-    # per preset, the training recipe (``models.training.Recipe`` fields) that goes with it
-    recipes: ClassVar[dict[str, dict[str, Any]]] = {}
+    config_class: ClassVar[type[ModelConfig]] = ModelConfig
+    search_space: ClassVar[str] = ""  # the module of its search space (set by register_model)
+    # the config field naming the timm architecture whose data config normalises the input
+    # (None: no backbone, inputs stay in [0, 1])
+    backbone_field: ClassVar[str | None] = "backbone"
     # sigma (in pixels of the input) of the blur applied before max-pooling the image score
     score_blur_sigma: ClassVar[float] = 4.0
     # False for a model that is fitted, not trained (no trainable parameter): its whole training
     # is one ``fit_statistics`` pass, with no optimiser, no epochs and no DDP
     trains: ClassVar[bool] = True
 
-    def __init__(self, config):
+    def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
         self.weights_used = "random"  # set by subclasses: imagenet / packaged / file / random
+        self.mean, self.std = ((0.0,) * 3, (1.0,) * 3) if self.backbone_field is None else \
+            backbones.input_normalization(getattr(config, self.backbone_field), config.weights)
         self._frozen_digest: str | None = None
 
     # ----- construction ----------------------------------------------------------------
     @classmethod
     def from_config(cls, preset: str | None = None, **overrides) -> "AnomalyModel":
-        values: dict[str, Any] = {}
-        if preset is not None:
-            if preset not in cls.presets:
-                raise ConfigError(f"{cls.name}: unknown preset {preset!r}; choose one of {sorted(cls.presets)}")
-            values.update(cls.presets[preset])
-        values.update(overrides)
-        fields = {f.name for f in dataclasses.fields(cls.config_class)}
-        unknown = sorted(set(values) - fields)
-        if unknown:
-            raise ConfigError(f"{cls.name}: unknown config parameter(s) {unknown}; known: {sorted(fields)}")
-        return cls(cls.config_class(**values))
+        return cls(cls.config_class.from_preset(preset, **overrides))
 
     @classmethod
-    def check_config(cls, config) -> None:
-        """Checks that need no backbone, run before Ray starts; raise ``ConfigError``."""
-
-    @classmethod
-    def recipe(cls, preset: str | None):
+    def recipe(cls, preset: str | None) -> Recipe:
         """The training recipe of ``preset`` (``Recipe()`` defaults for none)."""
-        from models.training import Recipe
-
-        if preset is not None and preset not in cls.presets:
-            raise ConfigError(f"{cls.name}: unknown preset {preset!r}; choose one of {sorted(cls.presets)}")
-        return Recipe(**cls.recipes.get(preset, {})) if preset else Recipe()
-
-    def config_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self.config)
+        return Recipe.build(cls.config_class.recipes.get(preset, {}) if preset else None)
 
     # ----- the interface ---------------------------------------------------------------
     def forward(self, batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -95,21 +81,35 @@ class AnomalyModel(nn.Module):
     def loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         raise NotImplementedError
 
-    def anomaly_map(self, images: Tensor) -> Tensor:
-        """``[B, 1, H, W]`` at the input resolution, higher = more anomalous."""
+    def prepare(self, images: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` in [0, 1], any size -> the model's input: ``image_size`` square,
+        normalised for the backbone."""
+        side = self.config.image_size
+        if tuple(images.shape[-2:]) != (side, side):
+            images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
+        return backbones.normalize(images, self.mean, self.std)
+
+    def map_of(self, x: Tensor) -> Tensor:
+        """``[B, 1, s, s]`` at the model's input size from a prepared batch, higher = more anomalous."""
         raise NotImplementedError
 
+    def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(image scores [B], maps [B, 1, s, s])`` from a prepared batch."""
+        maps = self.map_of(x)
+        return self.image_score_from_map(maps), maps
+
     def image_score_from_map(self, maps: Tensor) -> Tensor:
-        """Default rule: the maximum of the map blurred with ``score_blur_sigma``."""
+        """The default image-score rule: the maximum of the map blurred with ``score_blur_sigma``."""
         return gaussian_blur(maps, self.score_blur_sigma).flatten(1).amax(dim=1)
 
     def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``(image scores [B], anomaly maps [B, 1, H, W])`` in one pass."""
-        maps = self.anomaly_map(images)
-        return self.image_score_from_map(maps), maps
+        """``(image scores [B], anomaly maps [B, 1, H, W])`` at the input's size, in one pass."""
+        scores, maps = self.score(self.prepare(images))
+        return scores, at_size(maps, images)
 
-    def image_score(self, images: Tensor) -> Tensor:
-        return self.predict(images)[0]
+    def anomaly_map(self, images: Tensor) -> Tensor:
+        """``[B, 1, H, W]`` at the input's size (needs no fitted image-score statistics)."""
+        return at_size(self.map_of(self.prepare(images)), images)
 
     def fit_statistics(self, loader: Iterable[dict[str, Any]]) -> None:
         """Fit what is estimated after training on normal images; default: nothing."""
@@ -145,13 +145,11 @@ class AnomalyModel(nn.Module):
         """What training changed (trainable parameters, fitted statistics) and how to rebuild
         the rest: the config names the backbone and its weights source; ``frozen`` holds the
         digest the rebuilt backbone must match."""
-        import timm
-
         frozen = self.frozen_state_keys()
         return {
             "format": CHECKPOINT_FORMAT,
             "model": self.name,
-            "config": self.config_dict(),
+            "config": self.config.to_dict(),
             "weights_used": self.weights_used,
             "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items() if k not in frozen},
             "frozen": {"sha256": self.frozen_digest(), "tensors": len(frozen), "weights": self.config.weights,

@@ -31,51 +31,49 @@ import re
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import backbones
-from models.base import AnomalyModel, ConfigError, normalize
-from models.layers.halo_attention import HaloAttention, check_halo_geometry, positive_int
+from models import backbones, register_model
+from models.base import AnomalyModel
+from models.config import ConfigError, ModelConfig, NonNegative, NonNegativeInt, OddInt, PositiveInt
+from models.layers.halo_attention import HaloAttention, check_halo_geometry
 from models.layers.ssim import ssim
-
-
 
 
 # ----------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------
 @dataclass
-class HaloAEConfig:
+class HaloAEConfig(ModelConfig):
     """HaloAE hyper-parameters; the defaults are the ``fast`` preset."""
 
     weights: str = "packaged"
     """Backbone weights: "imagenet", "packaged" (tf_efficientnet_lite0 only), a file path, or "none"."""
-    image_size: int = 128
+    image_size: PositiveInt = 128
     """Input side in pixels."""
     backbone: str = "tf_efficientnet_lite0"
     """timm architecture of the frozen feature extractor (a ``vgg*`` or any features_only CNN)."""
-    layers: tuple = (1, 2)
+    layers: tuple[int | str, ...] = (1, 2)
     """Feature layers: ``out_indices`` (ints) of a timm features_only CNN, or VGG layer names
     such as "relu1_1", "relu3_4" (block_conv, counted from 1) for a ``vgg*`` backbone."""
-    feature_stride: int = 4
+    feature_stride: PositiveInt = 4
     """Every feature map is resized to the grid ``image_size // feature_stride`` (larger maps are
     average-pooled, smaller ones bilinearly upsampled) and the maps are concatenated."""
-    channels: tuple = (64, 32, 16)
+    channels: tuple[PositiveInt, ...] = (64, 32, 16)
     """Encoder widths: the stem's output, then the output of each bottleneck stage; the last one
     is the bottleneck. The decoder mirrors them back."""
-    heads: tuple = (4, 4)
+    heads: tuple[PositiveInt, ...] = (4, 4)
     """Attention heads of each encoder stage (the decoder mirrors them); one per stage."""
-    kernels: tuple = (3, 3)
+    kernels: tuple[OddInt, ...] = (3, 3)
     """Kernel of the conv after the attention in each encoder stage (odd); mirrored in the decoder."""
-    dim_head: int = 16
+    dim_head: PositiveInt = 16
     """Width of one attention head; the attention's inner width is ``heads * dim_head`` whatever
     the stage width, so heads need not divide the channels."""
-    block: int = 8
+    block: PositiveInt = 8
     """Side b of the query blocks of the halo attention (in grid cells)."""
-    halo: int = 2
+    halo: NonNegativeInt = 2
     """Halo h: each b x b query block attends to the (b + 2h) x (b + 2h) window around it."""
     standardize_features: bool = True
     """Standardise each feature channel (BatchNorm without affine parameters, cumulative running
@@ -83,114 +81,78 @@ class HaloAEConfig:
     channel (tens for deep VGG channels); standardised, every channel weighs the same in the
     loss and the map, and the reconstruction starts near the right scale, so training converges
     in far fewer steps. False reconstructs the raw features, as the original does."""
-    stem_kernel: int = 3
+    stem_kernel: OddInt = 3
     """Kernel of the stem conv (features -> channels[0]), "same" padding."""
-    image_decoder_width: int = 32
+    image_decoder_width: PositiveInt = 32
     """Width of the first conv of the image decoder."""
-    image_decoder_depth: int = 1
+    image_decoder_depth: NonNegativeInt = 1
     """Number of width-halving 3x3 convs of the image decoder before it upsamples."""
-    feature_loss_weight: float = 1.0
+    feature_loss_weight: NonNegative = 1.0
     """Weight of (feature MSE + 1 - feature SSIM) in the loss."""
-    image_loss_weight: float = 0.5
+    image_loss_weight: NonNegative = 0.5
     """Weight of (image MSE + 1 - image SSIM) in the loss."""
-    image_map_weight: float = 0.0
+    image_map_weight: NonNegative = 0.0
     """Weight of the image reconstruction error added to the anomaly map. 0 by default: a small
     conv decoder reconstructs images blurrily, so its error lights up every edge and texture
     detail of normal images too; the original's reported scores also use the feature map only."""
 
-    def __post_init__(self) -> None:
-        # JSON (Ray Tune, checkpoints edited by hand) gives lists: keep tuples
-        for name in ("layers", "channels", "heads", "kernels"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, tuple(value))
+    presets = {
+        # The original's architecture: VGG19 relu1_1, relu2_1, relu3_1, relu3_4 (704 channels) on a
+        # 64 x 64 grid at 256 px, stem 5x5 to 234, stages 234 -> 234 -> 117 -> 58 -> 29.
+        # (standardize_features=False reconstructs raw features as the original does.)
+        "paper": dict(
+            weights="imagenet", image_size=256, backbone="vgg19",
+            layers=("relu1_1", "relu2_1", "relu3_1", "relu3_4"), feature_stride=4, standardize_features=True,
+            channels=(234, 234, 117, 58, 29), heads=(4, 8, 8, 8), kernels=(3, 3, 5, 5),
+            dim_head=16, block=12, halo=2, stem_kernel=5,
+            image_decoder_width=380, image_decoder_depth=4,
+            feature_loss_weight=1.0, image_loss_weight=0.5, image_map_weight=0.0,
+        ),
+        # Offline and small: EfficientNet-Lite0 strides 4 and 8 (24 + 40 channels) on a 32 x 32 grid.
+        "fast": dict(
+            weights="packaged", image_size=128, backbone="tf_efficientnet_lite0",
+            layers=(1, 2), feature_stride=4, standardize_features=True,
+            channels=(64, 32, 16), heads=(4, 4), kernels=(3, 3),
+            dim_head=16, block=8, halo=2, stem_kernel=3,
+            image_decoder_width=32, image_decoder_depth=1,
+            feature_loss_weight=1.0, image_loss_weight=0.5, image_map_weight=0.0,
+        ),
+    }
 
+    recipes = {
+        # Adam 1e-4, weight decay 1e-5, batch 4, 251 "epochs" of 3000 samples each (the original
+        # repeats the class's images to 3000 per epoch), no schedule, no clipping
+        "paper": dict(lr=1e-4, epochs=251, samples_per_epoch=3000, batch_size=4, optimizer="adam",
+                      weight_decay=1e-5, grad_clip=0.0),
+        "fast": dict(lr=1e-3, epochs=20, batch_size=8, optimizer="adamw", weight_decay=1e-5, grad_clip=1.0),
+    }
 
-PRESETS: dict[str, dict[str, Any]] = {
-    # The original's architecture: VGG19 relu1_1, relu2_1, relu3_1, relu3_4 (704 channels) on a
-    # 64 x 64 grid at 256 px, stem 5x5 to 234, stages 234 -> 234 -> 117 -> 58 -> 29.
-    # (standardize_features=False reconstructs raw features as the original does.)
-    "paper": dict(
-        weights="imagenet", image_size=256, backbone="vgg19",
-        layers=("relu1_1", "relu2_1", "relu3_1", "relu3_4"), feature_stride=4, standardize_features=True,
-        channels=(234, 234, 117, 58, 29), heads=(4, 8, 8, 8), kernels=(3, 3, 5, 5),
-        dim_head=16, block=12, halo=2, stem_kernel=5,
-        image_decoder_width=380, image_decoder_depth=4,
-        feature_loss_weight=1.0, image_loss_weight=0.5, image_map_weight=0.0,
-    ),
-    # Offline and small: EfficientNet-Lite0 strides 4 and 8 (24 + 40 channels) on a 32 x 32 grid.
-    "fast": dict(
-        weights="packaged", image_size=128, backbone="tf_efficientnet_lite0",
-        layers=(1, 2), feature_stride=4, standardize_features=True,
-        channels=(64, 32, 16), heads=(4, 4), kernels=(3, 3),
-        dim_head=16, block=8, halo=2, stem_kernel=3,
-        image_decoder_width=32, image_decoder_depth=1,
-        feature_loss_weight=1.0, image_loss_weight=0.5, image_map_weight=0.0,
-    ),
-}
-
-
-RECIPES: dict[str, dict[str, Any]] = {
-    # Adam 1e-4, weight decay 1e-5, batch 4, 251 "epochs" of 3000 samples each (the original
-    # repeats the class's images to 3000 per epoch), no schedule, no clipping
-    "paper": dict(lr=1e-4, epochs=251, samples_per_epoch=3000, batch_size=4, optimizer="adam",
-                  weight_decay=1e-5, grad_clip=0.0),
-    "fast": dict(lr=1e-3, epochs=20, batch_size=8, optimizer="adamw", weight_decay=1e-5, grad_clip=1.0),
-}
-
-
-def check_config(cfg: HaloAEConfig) -> None:
-    """Everything that can be checked before building the backbone."""
-    n = "haloae"
-    if not positive_int(cfg.image_size):
-        raise ConfigError(f"{n}: image_size={cfg.image_size!r} must be a positive integer (pixels)")
-    if not positive_int(cfg.feature_stride):
-        raise ConfigError(f"{n}: feature_stride={cfg.feature_stride!r} must be a positive integer")
-    grid = cfg.image_size // cfg.feature_stride
-    if grid < 1:
-        raise ConfigError(f"{n}: image_size={cfg.image_size} / feature_stride={cfg.feature_stride} gives an "
-                          "empty feature grid; lower feature_stride or raise image_size")
-    if not cfg.layers:
-        raise ConfigError(f"{n}: layers is empty; name at least one backbone layer")
-    is_vgg = cfg.backbone.startswith("vgg")
-    if is_vgg and not all(isinstance(x, str) and re.fullmatch(r"relu\d+_\d+", x) for x in cfg.layers):
-        raise ConfigError(f"{n}: for a VGG backbone, layers must be names like 'relu1_1', 'relu3_4'; got {cfg.layers}")
-    if not is_vgg and not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in cfg.layers):
-        raise ConfigError(f"{n}: for backbone {cfg.backbone!r}, layers must be features_only out_indices "
-                          f"(integers >= 0); got {cfg.layers}")
-    if len(set(cfg.layers)) != len(cfg.layers):
-        raise ConfigError(f"{n}: layers {cfg.layers} repeat a layer")
-    if len(cfg.channels) < 2 or not all(positive_int(c) for c in cfg.channels):
-        raise ConfigError(f"{n}: channels={cfg.channels} must list >= 2 positive widths "
-                          "(the stem's output, then one per encoder stage)")
-    stages = len(cfg.channels) - 1
-    if len(cfg.heads) != stages or not all(positive_int(h) for h in cfg.heads):
-        raise ConfigError(f"{n}: heads={cfg.heads} must give one positive head count per encoder stage "
-                          f"({stages} stages, from channels={cfg.channels})")
-    if len(cfg.kernels) != stages or not all(positive_int(k) and k % 2 == 1 for k in cfg.kernels):
-        raise ConfigError(f"{n}: kernels={cfg.kernels} must give one odd kernel size per encoder stage "
-                          f"({stages} stages)")
-    if not positive_int(cfg.stem_kernel) or cfg.stem_kernel % 2 == 0:
-        raise ConfigError(f"{n}: stem_kernel={cfg.stem_kernel!r} must be an odd positive integer")
-    if not positive_int(cfg.dim_head):
-        raise ConfigError(f"{n}: dim_head={cfg.dim_head!r} must be a positive integer")
-    check_halo_geometry(cfg.block, cfg.halo, n)
-    if cfg.block > grid:
-        raise ConfigError(f"{n}: block={cfg.block} is larger than the {grid}x{grid} feature grid "
-                          f"(image_size {cfg.image_size} // feature_stride {cfg.feature_stride}); the padding "
-                          f"would be wasted work: choose block <= {grid} (block = {grid} is global attention)")
-    if not isinstance(cfg.standardize_features, bool):
-        raise ConfigError(f"{n}: standardize_features={cfg.standardize_features!r} must be True or False")
-    if not positive_int(cfg.image_decoder_width):
-        raise ConfigError(f"{n}: image_decoder_width={cfg.image_decoder_width!r} must be a positive integer")
-    if not isinstance(cfg.image_decoder_depth, int) or cfg.image_decoder_depth < 0:
-        raise ConfigError(f"{n}: image_decoder_depth={cfg.image_decoder_depth!r} must be an integer >= 0")
-    for name in ("feature_loss_weight", "image_loss_weight", "image_map_weight"):
-        value = getattr(cfg, name)
-        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"{n}: {name}={value!r} must be a finite number >= 0")
-    if cfg.feature_loss_weight == 0 and cfg.image_loss_weight == 0:
-        raise ConfigError(f"{n}: feature_loss_weight and image_loss_weight are both 0: nothing to train")
+    def check(self) -> None:
+        """The rules between fields (each field's type and range is checked by ``ModelConfig``)."""
+        grid = self.image_size // self.feature_stride
+        self.need(grid >= 1, f"image_size={self.image_size} / feature_stride={self.feature_stride} gives an "
+                             "empty feature grid; lower feature_stride or raise image_size")
+        self.need(len(self.layers) >= 1, "layers is empty; name at least one backbone layer")
+        if self.backbone.startswith("vgg"):
+            self.need(all(isinstance(x, str) and re.fullmatch(r"relu\d+_\d+", x) for x in self.layers),
+                      f"for a VGG backbone, layers must be names like 'relu1_1', 'relu3_4'; got {self.layers}")
+        else:
+            self.need(all(isinstance(x, int) and x >= 0 for x in self.layers), f"for backbone {self.backbone!r}, "
+                      f"layers must be features_only out_indices (integers >= 0); got {self.layers}")
+        self.need(len(set(self.layers)) == len(self.layers), f"layers {self.layers} repeat a layer")
+        stages = len(self.channels) - 1
+        self.need(stages >= 1, f"channels={self.channels} must list >= 2 widths (the stem's output, then one "
+                               "per encoder stage)")
+        self.need(len(self.heads) == stages, f"heads={self.heads} must give one head count per encoder stage "
+                                             f"({stages} stages, from channels={self.channels})")
+        self.need(len(self.kernels) == stages, f"kernels={self.kernels} must give one odd kernel size per "
+                                               f"encoder stage ({stages} stages)")
+        check_halo_geometry(self.block, self.halo, self.owner)
+        self.need(self.block <= grid, f"block={self.block} is larger than the {grid}x{grid} feature grid "
+                  f"(image_size {self.image_size} // feature_stride {self.feature_stride}); the padding would be "
+                  f"wasted work: choose block <= {grid} (block = {grid} is global attention)")
+        self.need(self.feature_loss_weight > 0 or self.image_loss_weight > 0,
+                  "feature_loss_weight and image_loss_weight are both 0: nothing to train")
 
 
 class HaloBottleneck(nn.Module):
@@ -210,66 +172,17 @@ class HaloBottleneck(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
-class VGGFeatures(nn.Module):
-    """The convolutional stack of a timm VGG, cut after the deepest requested ReLU.
-
-    ``features`` keeps timm's module indices, so its state-dict keys are those of the full
-    model and ``backbones.load_weights_into`` fills it. The full model is built on the meta
-    device (no memory, no init time) and only the kept layers are materialised.
-    """
-
-    def __init__(self, arch: str, layer_names: Sequence[str]):
-        super().__init__()
-        with torch.device("meta"):
-            full = timm.create_model(arch, pretrained=False)
-        names: dict[str, int] = {}
-        stage, conv, last_channels = 1, 0, {}
-        channels = 3
-        for index, module in enumerate(full.features):
-            if isinstance(module, nn.MaxPool2d):
-                stage, conv = stage + 1, 0
-            elif isinstance(module, nn.Conv2d):
-                conv += 1
-                channels = module.out_channels
-            elif isinstance(module, nn.ReLU):
-                names[f"relu{stage}_{conv}"] = index
-                last_channels[f"relu{stage}_{conv}"] = channels
-        unknown = [n for n in layer_names if n not in names]
-        if unknown:
-            raise ConfigError(f"haloae: {arch} has no layer {unknown}; choose among {list(names)}")
-        self.taps = [names[n] for n in layer_names]
-        self.channels = [last_channels[n] for n in layer_names]
-        kept = list(full.features)[: max(self.taps) + 1]
-        self.features = nn.Sequential(*kept).to_empty(device="cpu")
-        for module in self.features:
-            if isinstance(module, nn.Conv2d):
-                module.reset_parameters()
-
-    def forward(self, x: Tensor) -> list[Tensor]:
-        taps = set(self.taps)
-        found: dict[int, Tensor] = {}
-        for index, module in enumerate(self.features):
-            x = module(x)
-            if index in taps:
-                found[index] = x
-        return [found[t] for t in self.taps]
-
-
 def build_backbone(cfg: HaloAEConfig) -> tuple[nn.Module, list[int], str]:
     """(frozen feature extractor returning a list of maps, their channels, weights label)."""
     if cfg.backbone.startswith("vgg"):
         with backbones.frozen_init():
-            net = VGGFeatures(cfg.backbone, cfg.layers)
+            try:
+                net = backbones.VGGFeatures(cfg.backbone, cfg.layers)
+            except backbones.WeightsError as err:
+                raise ConfigError(f"haloae: {err}") from None
         label = backbones.load_weights_into(net, cfg.backbone, cfg.weights)
         return backbones.optimize_frozen_cnn(net), list(net.channels), label
-    try:
-        net, label = backbones.create_feature_backbone(cfg.backbone, cfg.weights, cfg.layers)
-    except (IndexError, AssertionError) as err:
-        raise ConfigError(f"haloae: layers={cfg.layers} are not valid out_indices of {cfg.backbone!r} ({err})") from err
-    except RuntimeError as err:
-        if "Unknown model" in str(err):
-            raise ConfigError(f"haloae: unknown timm backbone {cfg.backbone!r}") from err
-        raise
+    net, label = backbones.create_feature_backbone(cfg.backbone, cfg.weights, cfg.layers, cfg.owner, "layers")
     return net, list(net.feature_info.channels()), label
 
 
@@ -303,6 +216,7 @@ def build_image_decoder(c_in: int, width: int, depth: int, upsamplings: int) -> 
     return nn.Sequential(*layers)
 
 
+@register_model(space="search_spaces.haloae")
 class HaloAE(AnomalyModel):
     """HaloAE detector (see the module docstring).
 
@@ -315,17 +229,12 @@ class HaloAE(AnomalyModel):
 
     name = "haloae"
     config_class = HaloAEConfig
-    presets = PRESETS
-    recipes = RECIPES
-    check_config = staticmethod(check_config)
 
     def __init__(self, config: HaloAEConfig):
-        check_config(config)
         super().__init__(config)
         cfg = config
         self.backbone, feature_channels, self.weights_used = build_backbone(cfg)
         self.feature_channels = sum(feature_channels)
-        self.mean, self.std = backbones.input_normalization(cfg.backbone, cfg.weights)
         # momentum=None: running statistics are the plain average over all training batches,
         # exact after a few steps (an EMA would still be biased by its initial 0 / 1)
         self.feature_norm = (nn.BatchNorm2d(self.feature_channels, affine=False, momentum=None)
@@ -352,16 +261,13 @@ class HaloAE(AnomalyModel):
         return [self.backbone]
 
     # ----- pieces ----------------------------------------------------------------------
-    def normalized(self, images: Tensor) -> Tensor:
-        return normalize(images, self.mean, self.std)
-
-    def features(self, normalized_images: Tensor) -> Tensor:
-        """Frozen multi-scale features on the grid ``input side // feature_stride``, standardised
-        if configured (batch statistics in training, running statistics in eval)."""
-        grid = (max(1, normalized_images.shape[-2] // self.config.feature_stride),
-                max(1, normalized_images.shape[-1] // self.config.feature_stride))
+    def features(self, x: Tensor) -> Tensor:
+        """Frozen multi-scale features of a prepared batch on the grid ``image_size //
+        feature_stride``, standardised if configured (batch statistics in training, running
+        statistics in eval)."""
+        grid = (max(1, x.shape[-2] // self.config.feature_stride), max(1, x.shape[-1] // self.config.feature_stride))
         with torch.no_grad():
-            return self.feature_norm(resize_to_grid(backbones.cnn_maps(self.backbone, normalized_images), grid))
+            return self.feature_norm(resize_to_grid(backbones.cnn_maps(self.backbone, x), grid))
 
     def reconstruct_features(self, features: Tensor) -> Tensor:
         return self.decoder(self.encoder(features))
@@ -374,31 +280,30 @@ class HaloAE(AnomalyModel):
 
     # ----- interface -------------------------------------------------------------------
     def loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        images = self.normalized(batch["image"])
-        feats = self.features(images)
+        x = self.prepare(batch["image"])
+        feats = self.features(x)
         feats_hat = self.reconstruct_features(feats)
-        images_hat = self.reconstruct_image(feats_hat, images.shape[-2:])
+        x_hat = self.reconstruct_image(feats_hat, x.shape[-2:])
         parts = {
             "feature_mse": F.mse_loss(feats_hat, feats),
             "feature_ssim": 1.0 - ssim(feats_hat, feats),
-            "image_mse": F.mse_loss(images_hat, images),
-            "image_ssim": 1.0 - ssim(images_hat, images),
+            "image_mse": F.mse_loss(x_hat, x),
+            "image_ssim": 1.0 - ssim(x_hat, x),
         }
         cfg = self.config
         parts["loss"] = (cfg.feature_loss_weight * (parts["feature_mse"] + parts["feature_ssim"])
                          + cfg.image_loss_weight * (parts["image_mse"] + parts["image_ssim"]))
         return parts
 
-    def anomaly_map(self, images: Tensor) -> Tensor:
-        normalized = self.normalized(images)
-        feats = self.features(normalized)
+    def map_of(self, x: Tensor) -> Tensor:
+        feats = self.features(x)
         feats_hat = self.reconstruct_features(feats)
         error = (feats_hat - feats).pow(2).mean(dim=1, keepdim=True)
-        maps = F.interpolate(error, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        maps = F.interpolate(error, size=x.shape[-2:], mode="bilinear", align_corners=False)
         if self.config.image_map_weight > 0:
-            images_hat = self.reconstruct_image(feats_hat, images.shape[-2:])
-            maps = maps + self.config.image_map_weight * (images_hat - normalized).pow(2).mean(dim=1, keepdim=True)
+            x_hat = self.reconstruct_image(feats_hat, x.shape[-2:])
+            maps = maps + self.config.image_map_weight * (x_hat - x).pow(2).mean(dim=1, keepdim=True)
         return maps
 
 
-__all__ = ["HaloAE", "HaloAEConfig", "HaloBottleneck", "PRESETS"]
+__all__ = ["HaloAE", "HaloAEConfig", "HaloBottleneck"]

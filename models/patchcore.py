@@ -20,73 +20,60 @@ training (``trains = False``), so the training loop, Ray Train and the search fi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Annotated, Any, ClassVar, Iterable
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models import backbones
-from models.base import AnomalyModel, ConfigError, normalize
+from models import backbones, register_model
+from models.base import AnomalyModel
+from models.config import ModelConfig, NonNegative, OddInt, PositiveInt, Range
 from models.layers.blur import gaussian_blur
 
 DISTANCE_CHUNK = 4096  # query patches per distance matrix, to bound memory at large inputs
 
 
 @dataclass
-class PatchCoreConfig:
+class PatchCoreConfig(ModelConfig):
     backbone: str = "tf_efficientnet_lite0"
     """timm CNN used as the frozen feature extractor."""
     weights: str = "packaged"
     """Backbone weights: "imagenet", "packaged" (offline, tf_efficientnet_lite0 only), a file, "none"."""
-    out_indices: tuple[int, ...] = (2, 3)
+    out_indices: tuple[Annotated[int, Range(0)], ...] = (2, 3)
     """timm ``features_only`` stages whose features are concatenated (the paper: the middle ones)."""
-    image_size: int = 128
+    image_size: Annotated[int, Range(32)] = 128
     """Input side in pixels."""
-    neighbourhood: int = 3
+    neighbourhood: OddInt = 3
     """Side of the cell window each patch feature is averaged over (odd; 1 = no aggregation)."""
     coreset_ratio: float = 0.1
     """Share of the training patches kept in the memory bank (1.0 keeps all)."""
-    projection_dim: int = 128
+    projection_dim: PositiveInt = 128
     """Dimension of the random projection the coreset is selected on (the original: 128)."""
-    k: int = 1
+    k: PositiveInt = 1
     """Nearest memory patches whose distances are averaged into a patch score (the paper: 1)."""
-    reweight_neighbours: int = 9
+    reweight_neighbours: PositiveInt = 9
     """Neighbours of the nearest memory patch used to re-weight the image score (the paper: b = 9)."""
-    map_blur_sigma: float = 4.0
+    map_blur_sigma: NonNegative = 4.0
     """Gaussian blur of the upsampled map, in input pixels."""
     seed: int = 0
     """Seed of the projection and of the coreset's first pick."""
 
+    presets = {
+        # the paper: WideResNet-50 stages 2 and 3, 10 % coreset, 224 px
+        "paper": dict(backbone="wide_resnet50_2", weights="imagenet", out_indices=(2, 3), image_size=224,
+                      neighbourhood=3, coreset_ratio=0.1, k=1, reweight_neighbours=9),
+        # offline: the packaged EfficientNet-Lite0, stages of stride 8 and 16
+        "fast": dict(backbone="tf_efficientnet_lite0", weights="packaged", out_indices=(2, 3), image_size=128,
+                     neighbourhood=3, coreset_ratio=0.1, k=1, reweight_neighbours=9),
+    }
+    # fitted in one pass: only the batch size of its feature extraction applies
+    recipes = {"paper": dict(epochs=1, batch_size=32), "fast": dict(epochs=1, batch_size=8)}
 
-PRESETS = {
-    # the paper: WideResNet-50 stages 2 and 3, 10 % coreset, 224 px
-    "paper": dict(backbone="wide_resnet50_2", weights="imagenet", out_indices=(2, 3), image_size=224,
-                  neighbourhood=3, coreset_ratio=0.1, k=1, reweight_neighbours=9),
-    # offline: the packaged EfficientNet-Lite0, stages of stride 8 and 16
-    "fast": dict(backbone="tf_efficientnet_lite0", weights="packaged", out_indices=(2, 3), image_size=128,
-                 neighbourhood=3, coreset_ratio=0.1, k=1, reweight_neighbours=9),
-}
-
-
-def validate_config(c: PatchCoreConfig) -> None:
-    def need(ok: bool, message: str) -> None:
-        if not ok:
-            raise ConfigError(f"patchcore: {message}")
-
-    need(isinstance(c.image_size, int) and c.image_size >= 32, f"image_size must be an int >= 32, got {c.image_size!r}")
-    need(len(c.out_indices) >= 1 and len(set(c.out_indices)) == len(c.out_indices),
-         f"out_indices must be distinct backbone stages, got {c.out_indices}")
-    need(isinstance(c.neighbourhood, int) and c.neighbourhood >= 1 and c.neighbourhood % 2 == 1,
-         f"neighbourhood must be an odd int >= 1, got {c.neighbourhood!r}")
-    need(0 < c.coreset_ratio <= 1, f"coreset_ratio must be in (0, 1], got {c.coreset_ratio}")
-    need(isinstance(c.projection_dim, int) and c.projection_dim >= 1,
-         f"projection_dim must be an int >= 1, got {c.projection_dim!r}")
-    need(isinstance(c.k, int) and c.k >= 1, f"k must be an int >= 1, got {c.k!r}")
-    need(isinstance(c.reweight_neighbours, int) and c.reweight_neighbours >= 1,
-         f"reweight_neighbours must be an int >= 1 (1 switches re-weighting off), got {c.reweight_neighbours!r}")
-    need(c.map_blur_sigma >= 0, f"map_blur_sigma must be >= 0, got {c.map_blur_sigma}")
+    def check(self) -> None:
+        self.need(len(self.out_indices) >= 1 and len(set(self.out_indices)) == len(self.out_indices),
+                  f"out_indices must be distinct backbone stages, got {self.out_indices}")
+        self.need(0 < self.coreset_ratio <= 1, f"coreset_ratio must be in (0, 1], got {self.coreset_ratio}")
 
 
 def greedy_coreset(features: Tensor, size: int, projection_dim: int, seed: int) -> Tensor:
@@ -120,44 +107,28 @@ def nearest_distances(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Te
     return torch.cat(dists), torch.cat(idx)
 
 
+@register_model(space="search_spaces.patchcore")
 class PatchCore(AnomalyModel):
     """Frozen CNN patch features against a coreset memory bank of the training normals."""
 
     name: ClassVar[str] = "patchcore"
     config_class: ClassVar[type] = PatchCoreConfig
-    presets: ClassVar[dict[str, dict[str, Any]]] = PRESETS
-    # fitted in one pass: only the batch size of its feature extraction applies
-    recipes: ClassVar[dict[str, dict[str, Any]]] = {"paper": dict(epochs=1, batch_size=32),
-                                                    "fast": dict(epochs=1, batch_size=8)}
     trains: ClassVar[bool] = False
-    check_config = staticmethod(validate_config)
 
     def __init__(self, config: PatchCoreConfig):
         super().__init__(config)
-        config.out_indices = tuple(config.out_indices)
-        validate_config(config)
-        if not timm.is_model(config.backbone):
-            raise ConfigError(f"patchcore: backbone {config.backbone!r} is not a timm model")
-        try:
-            self.backbone, self.weights_used = backbones.create_feature_backbone(
-                config.backbone, config.weights, config.out_indices)
-        except (IndexError, AssertionError) as err:
-            raise ConfigError(f"patchcore: out_indices={config.out_indices} are not stages of "
-                              f"{config.backbone!r}") from err
-        self.mean, self.std = backbones.input_normalization(config.backbone, config.weights)
+        self.backbone, self.weights_used = backbones.create_feature_backbone(
+            config.backbone, config.weights, config.out_indices, self.name)
         self.register_buffer("memory_bank", torch.zeros(0, sum(self.backbone.feature_info.channels())))
 
     def frozen_modules(self):
         return [self.backbone]
 
     @torch.no_grad()
-    def patch_features(self, images: Tensor) -> Tensor:
-        """Locally aware patch features on the finest used grid: ``[B, D, h, w]``."""
-        size = self.config.image_size
-        if tuple(images.shape[-2:]) != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    def patch_features(self, x: Tensor) -> Tensor:
+        """Locally aware patch features of a prepared batch on the finest used grid: ``[B, D, h, w]``."""
         self.backbone.eval()
-        maps = backbones.cnn_maps(self.backbone, normalize(images, self.mean, self.std))
+        maps = backbones.cnn_maps(self.backbone, x)
         p = self.config.neighbourhood
         # zero padding counts: border patches shrink towards 0 and stop being the noisiest ones (averaged
         # over fewer cells they vary most), which otherwise decide the image's max (measured on the
@@ -174,7 +145,7 @@ class PatchCore(AnomalyModel):
         device = self.memory_bank.device
         patches = []
         for batch in loader:
-            f = self.patch_features(batch["image"].to(device))
+            f = self.patch_features(self.prepare(batch["image"].to(device)))
             patches.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
         if not patches:
             raise ValueError("patchcore.fit_statistics: the loader is empty; give it the training normals")
@@ -183,11 +154,11 @@ class PatchCore(AnomalyModel):
         keep = greedy_coreset(features, size, self.config.projection_dim, self.config.seed)
         self.memory_bank = features[keep].contiguous()
 
-    def patch_scores(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Per patch: score ``[B, h, w]``, nearest memory index ``[B, h*w]``, features ``[B, h*w, D]``."""
+    def patch_scores(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Per patch of a prepared batch: score ``[B, h, w]``, nearest memory index ``[B, h*w]``, features ``[B, h*w, D]``."""
         if self.memory_bank.shape[0] == 0:
             raise RuntimeError("patchcore: the memory bank is empty; call fit_statistics on the training normals")
-        f = self.patch_features(images)
+        f = self.patch_features(x)
         b, d, h, w = f.shape
         flat = f.permute(0, 2, 3, 1).reshape(-1, d)
         dist, idx = nearest_distances(flat, self.memory_bank, self.config.k)
@@ -197,8 +168,8 @@ class PatchCore(AnomalyModel):
         maps = F.interpolate(scores.unsqueeze(1), size=out_size, mode="bilinear", align_corners=False)
         return gaussian_blur(maps, self.config.map_blur_sigma)
 
-    def anomaly_map(self, images: Tensor) -> Tensor:
-        return self.predict(images)[1]
+    def map_of(self, x: Tensor) -> Tensor:
+        return self.score(x)[1]
 
     def reweighted_image_scores(self, scores: Tensor, nearest: Tensor, features: Tensor) -> Tensor:
         """The paper's eq. 7: ``s = (1 - softmax(-)[m*]) * s*`` over the ``b`` memory neighbours of
@@ -216,10 +187,10 @@ class PatchCore(AnomalyModel):
         return (1 - torch.softmax(d, dim=1)[:, 0]) * top
 
     @torch.no_grad()
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``(re-weighted image scores [B], maps [B, 1, H, W])``; needs ``fit_statistics``."""
-        scores, nearest, features = self.patch_scores(images)
-        maps = self.map_from_scores(scores, tuple(images.shape[-2:]))
+    def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(re-weighted image scores [B], maps [B, 1, s, s])``; needs ``fit_statistics``."""
+        scores, nearest, features = self.patch_scores(x)
+        maps = self.map_from_scores(scores, tuple(x.shape[-2:]))
         return self.reweighted_image_scores(scores, nearest, features), maps
 
 

@@ -1,10 +1,9 @@
-"""A plain training loop, usable without Ray; ``distributed.train`` wraps the same step."""
+"""A plain training loop, usable without Ray; ``distributed.trial`` wraps the same step."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from models.base import AnomalyModel
+from models.config import Recipe
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -28,64 +28,6 @@ def move_batch(batch: dict[str, Any], device) -> dict[str, Any]:
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-
-
-@dataclass
-class Recipe:
-    """How a model is trained. One epoch is one pass over the training images; a paper that
-    counts its "epochs" in samples (HaloAE: 3000 samples whatever the class size) sets
-    ``samples_per_epoch``, and ``passes(n_train)`` converts its epochs into passes."""
-
-    lr: float = 1e-3
-    epochs: int = 20
-    batch_size: int = 8
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-5
-    betas: tuple = (0.9, 0.999)
-    grad_clip: float = 1.0
-    """Maximum gradient norm; 0 = no clipping."""
-    lr_step_epochs: int = 0
-    """StepLR: multiply the learning rate by ``lr_gamma`` every this many epochs; 0 = constant."""
-    lr_gamma: float = 0.1
-    samples_per_epoch: int = 0
-    """0: ``epochs`` are passes over the training images. N: the paper's epochs of N samples each."""
-
-    def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
-
-    def passes(self, n_train: int) -> int:
-        """Epochs as passes over ``n_train`` training images."""
-        if not self.samples_per_epoch:
-            return self.epochs
-        return max(1, math.ceil(self.epochs * self.samples_per_epoch / max(1, n_train)))
-
-    def check(self, where: str) -> None:
-        from models.base import ConfigError
-
-        def need(ok: bool, message: str) -> None:
-            if not ok:
-                raise ConfigError(f"{where}: {message}")
-
-        need(isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0,
-             f"lr={self.lr!r} must be a number > 0")
-        for name in ("epochs", "batch_size"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                 f"{name}={value!r} must be an integer >= 1")
-        need(self.optimizer in OPTIMIZERS, f"optimizer={self.optimizer!r}: choose one of {sorted(OPTIMIZERS)}")
-        need(isinstance(self.weight_decay, (int, float)) and self.weight_decay >= 0,
-             f"weight_decay={self.weight_decay!r} must be >= 0")
-        need(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"betas={self.betas!r}: two values in [0, 1)")
-        need(isinstance(self.grad_clip, (int, float)) and self.grad_clip >= 0,
-             f"grad_clip={self.grad_clip!r} must be >= 0 (0 = no clipping)")
-        for name in ("lr_step_epochs", "samples_per_epoch"):
-            value = getattr(self, name)
-            need(isinstance(value, int) and value >= 0, f"{name}={value!r} must be an integer >= 0")
-        need(0 < self.lr_gamma <= 1, f"lr_gamma={self.lr_gamma!r} must be in (0, 1]")
-
-
-def recipe_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(Recipe)}
 
 
 def make_optimizer(model: nn.Module, lr: float, recipe: Recipe | None = None) -> torch.optim.Optimizer:
@@ -149,22 +91,37 @@ def train_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimizer, d
     return {k: v / n for k, v in sums.items()}
 
 
+Outputs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (image scores [N], maps [N, 1, H, W])
+
+
 @torch.no_grad()
-def score_loader(model: nn.Module, loader: Iterable[dict[str, Any]], device="cpu") -> dict[str, np.ndarray]:
-    """Image scores, maps (float32 ``[N, H, W]``), labels and masks (uint8) over ``loader``."""
-    net = unwrap(model)
-    net.eval()
-    scores, maps, labels, masks = [], [], [], []
+def score_outputs(predict: Callable[[torch.Tensor], Outputs], loader: Iterable[dict[str, Any]], device="cpu"
+                  ) -> tuple[Outputs, np.ndarray, np.ndarray]:
+    """The one scoring loop (training validation, fusion fitting, evaluation): ``predict`` of each
+    batch's images, concatenated on the CPU, with the labels ``[N]`` and masks ``[N, H, W]``
+    (uint8) of the batches."""
+    parts: dict[str, tuple[list, list]] = {}
+    labels, masks = [], []
     for batch in loader:
-        s, m = net.predict(batch["image"].to(device))
-        scores.append(s.float().cpu().numpy())
-        maps.append(m[:, 0].float().cpu().numpy())
+        for name, (s, m) in predict(batch["image"].to(device)).items():
+            parts.setdefault(name, ([], []))
+            parts[name][0].append(s.float().cpu())
+            parts[name][1].append(m.float().cpu())
         labels.append(np.asarray(batch["label"]).reshape(-1))
         masks.append((batch["mask"][:, 0] > 0.5).cpu().numpy().astype(np.uint8))
-    if not scores:
+    if not labels:
         raise ValueError("the evaluation loader is empty")
-    return {"scores": np.concatenate(scores), "maps": np.concatenate(maps),
-            "labels": np.concatenate(labels).astype(np.int64), "masks": np.concatenate(masks)}
+    outputs = {name: (torch.cat(s), torch.cat(m)) for name, (s, m) in parts.items()}
+    return outputs, np.concatenate(labels).astype(np.int64), np.concatenate(masks)
+
+
+def score_loader(model: nn.Module, loader: Iterable[dict[str, Any]], device="cpu") -> dict[str, np.ndarray]:
+    """One model's image scores, maps (float32 ``[N, H, W]``), labels and masks over ``loader``."""
+    net = unwrap(model)
+    net.eval()
+    outputs, labels, masks = score_outputs(lambda x: {net.name: net.predict(x)}, loader, device)
+    scores, maps = outputs[net.name]
+    return {"scores": scores.numpy(), "maps": maps[:, 0].numpy(), "labels": labels, "masks": masks}
 
 
 def fit(model: AnomalyModel, train_loader, epochs: int, lr: float = 1e-3, device="cpu",

@@ -29,10 +29,9 @@ the layer set, student depth and the weighting of the two scores are parameters.
 from __future__ import annotations
 
 import copy
-import math
 import warnings
 from dataclasses import dataclass
-from typing import Any, ClassVar, Iterable
+from typing import Annotated, Any, ClassVar, Iterable
 
 import timm
 import torch
@@ -40,37 +39,63 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import checkpoint_filter_fn
 from torch import Tensor, nn
 
-from models import backbones
-from models.base import AnomalyModel, ConfigError, normalize
+from models import backbones, register_model
+from models.base import AnomalyModel
+from models.config import ConfigError, Fraction, ModelConfig, NonNegative, NonNegativeInt, PositiveInt, Range
 from models.layers.blur import gaussian_blur
 from models.layers.gaussian import GaussianDensity, NotFittedError, PCAWhitening
 
 
 @dataclass
-class TransformalyConfig:
+class TransformalyConfig(ModelConfig):
     arch: str = "vit_tiny_patch16_224"
     """timm ViT teacher (a ``vit_*`` model with ``.blocks``), built at ``image_size``."""
-    image_size: int = 128
+    image_size: Annotated[int, Range(16)] = 128
     """Input side in px; inputs of another size are resized to it (the map comes back at the input size)."""
-    patch_size: int = 0
+    patch_size: NonNegativeInt = 0
     """Patch side in px of the teacher; 0 = the architecture's own. Pretrained patch embeddings are resampled."""
     weights: str = "none"
     """Teacher weights: "imagenet" (model hub), a state-dict file path, or "none" (random, with a warning)."""
     layers: Any = "1-5"
     """Teacher blocks that get a student: a list/tuple of 0-based block indices, or a string of
     inclusive ranges and indices such as "2-11" or "1-3,7". Indices must be unique and < depth."""
-    student_depth: int = 1
+    student_depth: PositiveInt = 1
     """Blocks per student."""
     whitening_threshold: float = 0.9
     """PCA keeps the fewest components whose cumulative explained variance is >= this, in (0, 1]."""
-    pretrained_score_weight: float = 1.0
+    pretrained_score_weight: NonNegative = 1.0
     """Weight of score (a), the CLS-feature log-likelihood; 0 drops it (and the teacher stops at the deepest chosen layer)."""
-    student_score_weight: float = 1.0
+    student_score_weight: NonNegative = 1.0
     """Weight of score (b), the student-error log-likelihood; 0 drops it."""
-    covariance_shrinkage: float = 0.01
+    covariance_shrinkage: Fraction = 0.01
     """Both Gaussians: covariance <- (1-a) * covariance + a * mean variance * I, a in [0, 1)."""
-    map_blur_sigma: float = 4.0
+    map_blur_sigma: NonNegative = 4.0
     """Gaussian blur (px of the input) of the upsampled patch-error map; 0 = none."""
+
+    presets = {
+        # the original: ViT-B/16 at 384 px, ImageNet weights, students on blocks 2..11
+        "paper": {"arch": "vit_base_patch16_384", "image_size": 384, "patch_size": 0, "weights": "imagenet",
+                  "layers": "2-11", "student_depth": 1, "whitening_threshold": 0.9},
+        # offline and CPU-sized: a random ViT-Tiny at 128 px with 8 px patches (16x16 grid)
+        "fast": {"arch": "vit_tiny_patch16_224", "image_size": 128, "patch_size": 8, "weights": "none",
+                 "layers": "1-5", "student_depth": 1, "whitening_threshold": 0.9},
+    }
+    # the original: Adam 1e-4, 30 epochs, batch 32 (its README; the code's default is 6)
+    recipes = {
+        "paper": dict(lr=1e-4, epochs=30, batch_size=32, optimizer="adam", weight_decay=0.0, grad_clip=0.0),
+        "fast": dict(lr=1e-3, epochs=20, batch_size=8, optimizer="adamw", weight_decay=1e-5, grad_clip=1.0),
+    }
+
+    def check(self) -> None:
+        """The rules between fields (each field's type and range is checked by ``ModelConfig``)."""
+        self.need(self.arch.startswith("vit_") and timm.is_model(self.arch), f"arch={self.arch!r} must be a timm "
+                  "ViT name starting with 'vit_', e.g. 'vit_tiny_patch16_224', 'vit_base_patch16_384'")
+        self.need(not self.patch_size or self.image_size % self.patch_size == 0,
+                  f"image_size={self.image_size} must be a multiple of patch_size={self.patch_size}")
+        self.need(0 < self.whitening_threshold <= 1, f"whitening_threshold={self.whitening_threshold} must be in (0, 1]")
+        self.need(self.pretrained_score_weight > 0 or self.student_score_weight > 0,
+                  "pretrained_score_weight and student_score_weight are both 0; at least one score must be used")
+        parse_layers(self.layers, teacher_depth(self.arch))
 
 
 def parse_layers(spec: Any, depth: int) -> tuple[int, ...]:
@@ -159,28 +184,16 @@ def teacher_depth(arch: str) -> int:
     return len(model.blocks)
 
 
+@register_model(space="search_spaces.transformaly")
 class Transformaly(AnomalyModel):
     """Frozen ViT teacher + per-layer student blocks; Gaussian image score, student-error map."""
 
     name: ClassVar[str] = "transformaly"
     config_class: ClassVar[type] = TransformalyConfig
-    presets: ClassVar[dict[str, dict[str, Any]]] = {
-        # the original: ViT-B/16 at 384 px, ImageNet weights, students on blocks 2..11
-        "paper": {"arch": "vit_base_patch16_384", "image_size": 384, "patch_size": 0, "weights": "imagenet",
-                  "layers": "2-11", "student_depth": 1, "whitening_threshold": 0.9},
-        # offline and CPU-sized: a random ViT-Tiny at 128 px with 8 px patches (16x16 grid)
-        "fast": {"arch": "vit_tiny_patch16_224", "image_size": 128, "patch_size": 8, "weights": "none",
-                 "layers": "1-5", "student_depth": 1, "whitening_threshold": 0.9},
-    }
-    # the original: Adam 1e-4, 30 epochs, batch 32 (its README; the code's default is 6)
-    recipes: ClassVar[dict[str, dict[str, Any]]] = {
-        "paper": dict(lr=1e-4, epochs=30, batch_size=32, optimizer="adam", weight_decay=0.0, grad_clip=0.0),
-        "fast": dict(lr=1e-3, epochs=20, batch_size=8, optimizer="adamw", weight_decay=1e-5, grad_clip=1.0),
-    }
+    backbone_field: ClassVar[str] = "arch"
 
     def __init__(self, config: TransformalyConfig):
         super().__init__(config)
-        self._validate(config)
         depth = teacher_depth(config.arch)
         self.layers = parse_layers(config.layers, depth)
         self.uses_cls = config.pretrained_score_weight > 0
@@ -195,66 +208,30 @@ class Transformaly(AnomalyModel):
         self.cls_gaussian = GaussianDensity()
         self.error_gaussian = GaussianDensity()
         self.register_buffer("statistics_fitted", torch.zeros((), dtype=torch.bool))
-        self.input_mean, self.input_std = backbones.input_normalization(config.arch, config.weights)
-
-    # ----- construction ----------------------------------------------------------------
-    @staticmethod
-    def _validate(c: TransformalyConfig) -> None:
-        if not isinstance(c.arch, str) or not c.arch.startswith("vit_") or not timm.is_model(c.arch):
-            raise ConfigError(f"transformaly: arch={c.arch!r} must be a timm ViT name starting with 'vit_', "
-                              "e.g. 'vit_tiny_patch16_224', 'vit_small_patch16_224', 'vit_base_patch16_384'")
-        if not isinstance(c.image_size, int) or c.image_size < 16:
-            raise ConfigError(f"transformaly: image_size={c.image_size!r} must be an int >= 16")
-        if not isinstance(c.patch_size, int) or c.patch_size < 0:
-            raise ConfigError(f"transformaly: patch_size={c.patch_size!r} must be 0 (the arch's own) or a positive int")
-        if c.patch_size and c.image_size % c.patch_size:
-            raise ConfigError(f"transformaly: image_size={c.image_size} must be a multiple of patch_size={c.patch_size}")
-        if not isinstance(c.student_depth, int) or c.student_depth < 1:
-            raise ConfigError(f"transformaly: student_depth={c.student_depth!r} must be an int >= 1")
-        if not 0 < c.whitening_threshold <= 1:
-            raise ConfigError(f"transformaly: whitening_threshold={c.whitening_threshold} must be in (0, 1]")
-        for field in ("pretrained_score_weight", "student_score_weight"):
-            value = getattr(c, field)
-            if not math.isfinite(value) or value < 0:
-                raise ConfigError(f"transformaly: {field}={value} must be finite and >= 0 (0 drops that score)")
-        if c.pretrained_score_weight == 0 and c.student_score_weight == 0:
-            raise ConfigError("transformaly: pretrained_score_weight and student_score_weight are both 0; "
-                              "at least one score must be used")
-        if not 0 <= c.covariance_shrinkage < 1:
-            raise ConfigError(f"transformaly: covariance_shrinkage={c.covariance_shrinkage} must be in [0, 1)")
-        if not c.map_blur_sigma >= 0:
-            raise ConfigError(f"transformaly: map_blur_sigma={c.map_blur_sigma} must be >= 0")
-
-    @classmethod
-    def check_config(cls, config: TransformalyConfig) -> None:
-        cls._validate(config)
-        parse_layers(config.layers, teacher_depth(config.arch))
 
     def frozen_modules(self) -> list[nn.Module]:
         return [self.teacher]
 
     # ----- teacher and students --------------------------------------------------------
-    def _prepare(self, images: Tensor) -> Tensor:
-        size = self.config.image_size
-        if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        return normalize(images, self.input_mean, self.input_std)
-
     @torch.no_grad()
-    def teacher_states(self, images: Tensor, with_cls: bool) -> tuple[list[Tensor], Tensor | None]:
-        """One teacher pass: ``states[i]`` is the input of block ``i`` (and ``states[i+1]`` its output).
+    def teacher_states(self, x: Tensor, with_cls: bool) -> tuple[list[Tensor], Tensor | None]:
+        """One teacher pass over a prepared batch: ``states[i]`` is the input of block ``i`` (and
+        ``states[i+1]`` its output).
 
         Runs up to the deepest chosen layer, or through every block and the final norm when
         ``with_cls`` (then also returns the pooled CLS feature).
         """
         t = self.teacher
-        h = t.norm_pre(t.patch_drop(t._pos_embed(t.patch_embed(self._prepare(images)))))
-        states = [h]
         last = len(t.blocks) if with_cls else self.layers[-1] + 1
-        for block in t.blocks[:last]:
-            h = block(h)
-            states.append(h)
-        cls = t.forward_head(t.norm(h), pre_logits=True) if with_cls else None
+        states: list[Tensor] = []
+        hooks = [block.register_forward_pre_hook(lambda _, args: states.append(args[0])) for block in t.blocks[:last]]
+        hooks.append(t.blocks[last - 1].register_forward_hook(lambda _, args, out: states.append(out)))
+        try:
+            t.forward_intermediates(x, indices=[last - 1], stop_early=True, intermediates_only=True, output_fmt="NLC")
+        finally:
+            for hook in hooks:
+                hook.remove()
+        cls = t.forward_head(t.norm(states[-1]), pre_logits=True) if with_cls else None
         return states, cls
 
     def student_errors(self, states: list[Tensor]) -> Tensor:
@@ -264,7 +241,7 @@ class Transformaly(AnomalyModel):
         return torch.stack(errors, 1)
 
     def loss(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        states, _ = self.teacher_states(batch["image"], with_cls=False)
+        states, _ = self.teacher_states(self.prepare(batch["image"]), with_cls=False)
         per_layer = self.student_errors(states).mean(-1).mean(0)  # MSE over batch, tokens, dims
         parts = {f"layer_{layer}": per_layer[j] for j, layer in enumerate(self.layers)}
         return {"loss": per_layer.sum(), **parts}
@@ -276,19 +253,20 @@ class Transformaly(AnomalyModel):
         maps = F.interpolate(grid, size=out_size, mode="bilinear", align_corners=False)
         return gaussian_blur(maps, self.config.map_blur_sigma)
 
-    def anomaly_map(self, images: Tensor) -> Tensor:
-        states, _ = self.teacher_states(images, with_cls=False)
-        return self.map_from_errors(self.student_errors(states), tuple(images.shape[-2:]))
+    def map_of(self, x: Tensor) -> Tensor:
+        states, _ = self.teacher_states(x, with_cls=False)
+        return self.map_from_errors(self.student_errors(states), tuple(x.shape[-2:]))
 
-    def score_parts(self, images: Tensor) -> dict[str, Tensor]:
-        """Log-likelihoods of the used scores (``pretrained_loglik``, ``student_loglik``), the image score and the map."""
+    def score_parts(self, x: Tensor) -> dict[str, Tensor]:
+        """Of a prepared batch: the log-likelihoods of the used scores (``pretrained_loglik``,
+        ``student_loglik``), the image score and the map."""
         if not bool(self.statistics_fitted):
             raise NotFittedError("transformaly: call fit_statistics(train_loader) on the training normals before "
                                  "scoring images (models.training.fit does it after training); anomaly_map needs no fit")
-        states, cls = self.teacher_states(images, with_cls=self.uses_cls)
+        states, cls = self.teacher_states(x, with_cls=self.uses_cls)
         errors = self.student_errors(states)
-        out = {"map": self.map_from_errors(errors, tuple(images.shape[-2:]))}
-        score = torch.zeros(images.shape[0], device=images.device)
+        out = {"map": self.map_from_errors(errors, tuple(x.shape[-2:]))}
+        score = torch.zeros(x.shape[0], device=x.device)
         if self.uses_cls:
             out["pretrained_loglik"] = self.cls_gaussian.log_prob(self.cls_whitening(cls.float()))
             score = score - self.config.pretrained_score_weight * out["pretrained_loglik"]
@@ -298,9 +276,9 @@ class Transformaly(AnomalyModel):
         out["score"] = score
         return out
 
-    def predict(self, images: Tensor) -> tuple[Tensor, Tensor]:
-        """``(-(w_a * loglik_a + w_b * loglik_b) [B], student-error map [B, 1, H, W])``; needs ``fit_statistics``."""
-        parts = self.score_parts(images)
+    def score(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(-(w_a * loglik_a + w_b * loglik_b) [B], student-error map)``; needs ``fit_statistics``."""
+        parts = self.score_parts(x)
         return parts["score"], parts["map"]
 
     @torch.no_grad()
@@ -311,7 +289,7 @@ class Transformaly(AnomalyModel):
         device = next(self.students.parameters()).device
         cls_features, layer_errors = [], []
         for batch in loader:
-            states, cls = self.teacher_states(batch["image"].to(device), with_cls=self.uses_cls)
+            states, cls = self.teacher_states(self.prepare(batch["image"].to(device)), with_cls=self.uses_cls)
             if self.uses_cls:
                 cls_features.append(cls.float())
             layer_errors.append(self.student_errors(states).mean(-1).float())

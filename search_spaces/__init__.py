@@ -1,4 +1,4 @@
-"""One Optuna define-by-run search space per model (``search_spaces/<model>.py``).
+"""One Optuna define-by-run search space per model: the module its ``@register_model`` names.
 
 Each module has ``space(trial, base) -> dict`` (suggests on an ``optuna.Trial``; returns the
 derived model-config fields) and ``defaults(base) -> dict`` (the parameters that reproduce
@@ -17,13 +17,11 @@ import functools
 import importlib
 from typing import Any, Callable
 
-from models import ConfigError, model_names
+from models import model_class
 
 
 def space_module(model: str):
-    if model not in model_names():
-        raise ConfigError(f"no search space for model {model!r}; choose one of {model_names()}")
-    return importlib.import_module(f"search_spaces.{model}")
+    return importlib.import_module(model_class(model).search_space)
 
 
 def pinned_parameters(model: str, base: dict[str, Any], pinned: frozenset[str]) -> dict[str, Any]:

@@ -55,7 +55,7 @@ def test_a_backbone_that_rebuilds_differently_is_a_clear_error(tmp_path):
 
 def test_a_format_1_checkpoint_with_every_tensor_still_loads(tmp_path):
     net = small("haloae")
-    old = {"format": 1, "model": "haloae", "config": net.config_dict(), "weights_used": net.weights_used,
+    old = {"format": 1, "model": "haloae", "config": net.config.to_dict(), "weights_used": net.weights_used,
            "state_dict": {k: v.clone() for k, v in net.state_dict().items()}}
     torch.save(old, tmp_path / "old.pt")
     images = torch.rand(1, 3, 64, 64)

@@ -1,6 +1,5 @@
 """Ray Train + Tune on real local clusters (loopback), the CLIs, resume and the ensemble end to end."""
 
-import dataclasses
 import json
 import os
 import shutil
@@ -19,7 +18,6 @@ import torch
 import yaml
 from PIL import Image
 
-from models.training import Recipe
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--image-size", "64"]
@@ -136,9 +134,8 @@ def _kill_one_train_worker(storage: Path, killed: list, deadline: float):
 def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, synthetic_root, local_ray):
     from distributed.trial import Resources, TrainJob, run_training
 
-    job = TrainJob(model="hvq_trans", dataset="mvtec", root=str(synthetic_root), classes=["washer"],
-                   model_config={"image_size": 64, "levels": 2, "codebook_size": 16},
-                   recipe={**dataclasses.asdict(Recipe()), "epochs": 3, "batch_size": 4})
+    job = TrainJob.of("hvq_trans", "mvtec", synthetic_root, ["washer"], recipe={"epochs": 3, "batch_size": 4},
+                      image_size=64, levels=2, codebook_size=16)
     storage = tmp_path / "train"
     killed: list = []
     killer = threading.Thread(target=_kill_one_train_worker, args=(storage, killed, time.time() + 300), daemon=True)
@@ -313,9 +310,8 @@ class RecordingSession:
 def diverging_job(synthetic_root, lr):
     from distributed.trial import TrainJob
 
-    return TrainJob(model="hvq_trans", dataset="mvtec", root=str(synthetic_root), classes=["washer"],
-                    recipe={**dataclasses.asdict(Recipe()), "epochs": 2, "batch_size": 4, "lr": lr},
-                    model_config={"image_size": 64, "levels": 2, "codebook_size": 16})
+    return TrainJob.of("hvq_trans", "mvtec", synthetic_root, ["washer"], recipe={"epochs": 2, "batch_size": 4, "lr": lr},
+                       image_size=64, levels=2, codebook_size=16)
 
 
 def test_train_loop_stops_and_reports_a_diverged_run(synthetic_root):
@@ -333,13 +329,13 @@ def test_train_loop_stops_and_reports_a_diverged_run(synthetic_root):
 
 def test_a_unified_hvq_trans_reports_how_often_cheap_routing_agrees_with_the_full_rule(synthetic_root):
     from distributed.spec import build_spec, spec_job
-    from distributed.trial import TrainJob, train_loop
+    from distributed.trial import train_loop
 
     spec = build_spec("u", "hvq_trans", ("washer", "pill"), "fast",
                       {"image_size": 64, "levels": 2, "codebook_size": 16}, n_train=40, epochs_cap=1)
-    assert spec.model_config["num_classes"] == 2                  # one codebook set per class
+    assert spec.config.num_classes == 2                          # one codebook set per class
     session = RecordingSession()
-    assert train_loop(TrainJob.from_dict(spec_job(spec, "mvtec", str(synthetic_root))), session)
+    assert train_loop(spec_job(spec, "mvtec", str(synthetic_root)), session)
     (metrics, _), = session.reports
     assert 0.0 <= metrics["val_routing_agreement"] <= 1.0
 
@@ -361,7 +357,7 @@ def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root,
     from distributed.checkpoints import CHECKPOINT_STATE
     from distributed.trial import tune_trial
 
-    base = diverging_job(synthetic_root, 1e-3).to_dict()
+    base = diverging_job(synthetic_root, 1e-3)
     trainable = tune.with_resources(tune.with_parameters(tune_trial, bases={"s": base}, storage=str(tmp_path / "train"),
                                                          resources={"workers": 1}), {"CPU": 1})
     grid = tune.Tuner(trainable, param_space={"study": "s", "lr": tune.grid_search([1e30, 1e-3])},
@@ -418,10 +414,10 @@ def test_every_model_runs_at_its_paper_preset_to_the_ensemble_table(tmp_path):
             got = first[f"config/{name}"]
             assert (got == value) if isinstance(value, str) else float(got) == pytest.approx(float(value)), name
         net = load_model(run / "best" / model / "brick" / "model.pt")
-        expected = dict(spec.model_config)
+        expected = spec.config.to_dict()
         if model == "transformaly":                              # "2-11" was built as blocks 2..11
             expected["layers"] = list(range(2, 12))
-        assert net.config_dict() == expected                     # ... and built the paper's model
+        assert net.config.to_dict() == expected                     # ... and built the paper's model
         saved = torch.load(run / "best" / model / "brick" / "model.pt", weights_only=False)
         assert not set(saved["state_dict"]) & net.frozen_state_keys()   # no frozen tensor was written
     ensemble = json.loads((run / "ensemble" / "ensemble.json").read_text())

@@ -15,10 +15,11 @@ from ensembles.fit import fit_class_fusion
 from ensembles.fusion import QuantileNormalizer, RankTable, fuse_maps
 from ensembles.metrics import pixel_auroc
 from models.base import AnomalyModel
+from models.config import ModelConfig
 
 
 @dataclass
-class ProbeConfig:
+class ProbeConfig(ModelConfig):
     kind: str = "perfect"
     scale: float = 1.0
     offset: float = 0.0
@@ -32,12 +33,13 @@ class Probe(AnomalyModel):
 
     name = "probe"
     config_class = ProbeConfig
+    backbone_field = None
 
     def __init__(self, config):
         super().__init__(config)
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
-    def anomaly_map(self, images):
+    def map_of(self, images):
         seed = int(images.sum().item() * 1000) % (2**31)
         noise = torch.rand(images.shape[0], 1, *images.shape[-2:], generator=torch.Generator().manual_seed(seed))
         # the defect lifts the perfect member by about its own noise range: separable alone,

@@ -10,8 +10,9 @@ from skimage.metrics import structural_similarity
 from torch.utils.data import DataLoader
 
 import models
-from models.base import ConfigError
-from models.haloae import HaloAE, VGGFeatures
+from models.config import ConfigError
+from models.backbones import VGGFeatures
+from models.haloae import HaloAE
 from models.layers.halo_attention import HaloAttention
 from models.layers.ssim import ssim_map
 from models.training import fit, score_loader, train_step, make_optimizer
@@ -147,10 +148,12 @@ def test_forward_backward_and_map_shapes():
     model.eval()
     with torch.no_grad():
         scores, maps = model.predict(images)
-        odd = model.anomaly_map(torch.rand(1, 3, 60, 52))  # 15 x 13 grid: blocks of 8 get padded
+        odd = model.anomaly_map(torch.rand(1, 3, 60, 52))  # resized to image_size; the map at the input's size
+        padded = tiny_model(image_size=60).eval().anomaly_map(torch.rand(1, 3, 60, 60))  # 15 x 15 grid: padded blocks
     assert scores.shape == (2,) and torch.isfinite(scores).all()
     assert maps.shape == (2, 1, 64, 64) and torch.isfinite(maps).all() and (maps >= 0).all()
     assert odd.shape == (1, 1, 60, 52) and torch.isfinite(odd).all()
+    assert padded.shape == (1, 1, 60, 60) and torch.isfinite(padded).all()
 
 
 def test_frozen_backbone_stays_eval_and_untouched():

@@ -14,10 +14,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import models.hvq_trans as hvq_trans
 from models import ConfigError, create_model, load_model
-from models.hvq_trans import HVQTrans, decoder_memory_groups
+from models.hvq_trans import HVQTrans
+from models.layers.transformer import decoder_memory_groups
 from models.layers import vector_quantizer
+from models.layers.class_heads import ClassHeads
+from models.layers.class_routing import class_indices, fit_prototypes, nearest_prototype, prototypes_fitted
 from models.layers.ot_score import prototype_ot_score
 from models.layers.vector_quantizer import RESTART_USAGE, ClassCodebooks
 from models.training import make_optimizer, score_loader, train_epoch, train_step
@@ -128,7 +130,7 @@ def test_invalid_config_raises(overrides, parameter):
 
 
 def test_presets_describe_the_paper_and_fast_models():
-    paper, fast = HVQTrans.presets["paper"], HVQTrans.presets["fast"]
+    paper, fast = HVQTrans.config_class.presets["paper"], HVQTrans.config_class.presets["fast"]
     assert (paper["levels"], paper["codebook_size"]) == (5, 512)
     assert (paper["embed_dim"], paper["decoder_dim"]) == (256, 512)
     with warnings.catch_warnings():
@@ -246,7 +248,7 @@ def test_first_training_step_initialises_codebooks_from_data():
 # ----- routing and checkpoints ---------------------------------------------------------------
 def slow_route(model: HVQTrans, images: torch.Tensor) -> torch.Tensor:
     """Total quantisation error per class, one class at a time (what predict_class vectorises)."""
-    outputs = model.encode(model.extract_features(images))
+    outputs = model.encode(model.extract_features(model.prepare(images)))
     errors = []
     for c in range(model.config.num_classes):
         cls = torch.full((images.shape[0],), c)
@@ -283,7 +285,7 @@ def class_batches(classes: int, per_class: int, size: int = 32, seed: int = 0) -
 def images_quantised(model: HVQTrans, images: torch.Tensor, monkeypatch) -> int:
     """How many (image, class) pairs ``anomaly_map`` runs through a quantiser, over all levels."""
     count = 0
-    nearest_codes = hvq_trans.nearest_codes
+    nearest_codes = vector_quantizer.nearest_codes
 
     def counting(z, codebook):
         nonlocal count
@@ -291,8 +293,7 @@ def images_quantised(model: HVQTrans, images: torch.Tensor, monkeypatch) -> int:
         return nearest_codes(z, codebook)
 
     with monkeypatch.context() as patch:
-        for module in (hvq_trans, vector_quantizer):  # the quantiser's code search and the OT level's
-            patch.setattr(module, "nearest_codes", counting)
+        patch.setattr(vector_quantizer, "nearest_codes", counting)  # every code search, routing's included
         model.anomaly_map(images)
     return count
 
@@ -313,7 +314,7 @@ def test_prototypes_are_unit_class_means_and_missing_classes_fall_back():
     batches = class_batches(3, 4)
     model.fit_statistics(batches)
     for c, batch in enumerate(batches):
-        descriptors = torch.nn.functional.normalize(model.extract_features(batch["image"]).mean((2, 3)), dim=1)
+        descriptors = torch.nn.functional.normalize(model.extract_features(model.prepare(batch["image"])).mean((2, 3)), dim=1)
         mean = descriptors.mean(0)
         assert torch.allclose(model.class_prototypes[c], mean / mean.norm(), atol=1e-6)
     images = torch.cat([b["image"] for b in class_batches(3, 2, seed=3)])
@@ -513,3 +514,24 @@ def test_prototype_routing_agrees_with_quantisation_and_the_true_class(unified):
     agreement = model.routing_agreement(images)
     assert agreement == (by_prototype == by_quantisation).float().mean().item()
     assert agreement >= 0.9, (agreement, by_prototype.tolist(), by_quantisation.tolist())
+
+
+def test_class_heads_apply_each_samples_own_linear_map():
+    torch.manual_seed(0)
+    heads = ClassHeads(3, 4, 5)
+    x, index = torch.randn(6, 2, 4), torch.tensor([0, 2, 1, 1, 0, 2])
+    expected = torch.stack([x[i] @ heads.weight[c] + heads.bias[c] for i, c in enumerate(index.tolist())])
+    torch.testing.assert_close(heads(x, index), expected)
+    shared = ClassHeads(1, 4, 5)
+    torch.testing.assert_close(shared(x, index), x @ shared.weight[0] + shared.bias[0])
+
+
+def test_prototypes_are_normalised_class_means_and_route_by_cosine():
+    d = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0]]), dim=1)
+    prototypes, missing = fit_prototypes([(d[:2], torch.tensor([0, 0])), (d[2:], torch.tensor([1]))], 3, 2, "cpu")
+    mean = d[:2].mean(0)
+    torch.testing.assert_close(prototypes[0], mean / mean.norm())
+    assert missing == [2] and not prototypes_fitted(prototypes) and prototypes_fitted(prototypes[:2])
+    assert nearest_prototype(torch.tensor([[0.1, 0.9], [0.9, 0.2]]), prototypes[:2]).tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"class_index must hold 2 values in \[0, 3\)"):
+        class_indices(torch.tensor([0, 3]), 2, 3, "cpu", "hvq_trans")

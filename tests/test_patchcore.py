@@ -59,7 +59,7 @@ def fitted(**overrides) -> pc.PatchCore:
 def test_image_score_follows_the_papers_reweighting():
     model = fitted(reweight_neighbours=4)
     images = batches(1, seed=2)[0]["image"]
-    scores, nearest, features = model.patch_scores(images)
+    scores, nearest, features = model.patch_scores(model.prepare(images))
     got = model.predict(images)[0]
     bank = model.memory_bank.double()
     for b in range(len(images)):
@@ -73,7 +73,7 @@ def test_image_score_follows_the_papers_reweighting():
         expected = (1 - torch.exp(torch.linalg.vector_norm(bank[m_star] - query)) / e.sum()) * s_star
         assert float(got[b]) == pytest.approx(float(expected), rel=1e-4)
     plain = fitted(reweight_neighbours=1)
-    assert torch.equal(plain.predict(images)[0], plain.patch_scores(images)[0].flatten(1).amax(1))
+    assert torch.equal(plain.predict(images)[0], plain.patch_scores(plain.prepare(images))[0].flatten(1).amax(1))
 
 
 def test_map_at_input_size_and_unfitted_model_says_what_to_do():

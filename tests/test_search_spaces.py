@@ -1,6 +1,5 @@
 """Each search space alone (no Ray): the first point is the preset, every sample builds a valid model."""
 
-import dataclasses
 import json
 import warnings
 
@@ -8,12 +7,11 @@ import optuna
 import pytest
 
 from distributed.spec import SpecError, build_spec, spec_job
-from distributed.trial import job_from_trial_config
-from models import model_class
+from models import model_class, model_names
 from models.transformaly import parse_layers
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-MODELS = ["haloae", "hvq_trans", "transformaly", "patchcore"]
+MODELS = model_names()
 
 
 def spec_of(model, preset="fast", overrides=None, n_train=40):
@@ -35,12 +33,12 @@ def test_the_first_point_is_the_preset_field_by_field(model, preset):
     spec = spec_of(model, preset)
     space, points = spec.space()
     trial = optuna.trial.FixedTrial(points[0])
-    job = job_from_trial_config(spec_job(spec, "mvtec", "unused"), {**points[0], **space(trial)})
-    preset_config = dataclasses.asdict(model_class(model).config_class(**model_class(model).presets[preset]))
-    assert canonical(model, job.model_config) == canonical(model, preset_config)
+    job = spec_job(spec, "mvtec", "unused").with_trial({**points[0], **space(trial)})
+    preset_config = model_class(model).config_class.from_preset(preset).to_dict()
+    assert canonical(model, job.config.to_dict()) == canonical(model, preset_config)
     recipe = model_class(model).recipe(preset)
-    assert job.lr == recipe.lr and job.batch_size == recipe.batch_size
-    assert job.training_recipe().optimizer == recipe.optimizer
+    assert job.recipe.lr == recipe.lr and job.recipe.batch_size == recipe.batch_size
+    assert job.recipe.optimizer == recipe.optimizer
 
 
 def test_the_paper_recipes_are_the_papers():
@@ -67,12 +65,12 @@ def test_space_samples_build_valid_models(model):
         constants = space(trial)
         if i == 0:
             assert trial.params == points[0]                     # the preset's point comes first
-        job = job_from_trial_config(spec_job(spec, "mvtec", "unused"), {**trial.params, **constants})
-        assert job.lr == trial.params.get("lr", job.lr)
+        job = spec_job(spec, "mvtec", "unused").with_trial({**trial.params, **constants})
+        assert job.recipe.lr == trial.params.get("lr", job.recipe.lr)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             net = job.build_model()                              # raises ConfigError if inconsistent
-        seen.append(net.config_dict())
+        seen.append(net.config.to_dict())
         study.tell(trial, 0.5)
     assert len({str(s) for s in seen}) > 1                       # the space does vary the model
 
@@ -90,8 +88,8 @@ def test_a_field_fixed_with_set_is_never_sampled(model, pinned):
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     for _ in range(8):
         trial = study.ask()
-        job = job_from_trial_config(spec_job(spec, "mvtec", "unused"), {**trial.params, **space(trial)})
-        values = {**job.model_config, "lr": job.lr}
+        job = spec_job(spec, "mvtec", "unused").with_trial({**trial.params, **space(trial)})
+        values = {**job.config.to_dict(), "lr": job.recipe.lr}
         for key, value in pinned.items():
             got = values[key]
             assert (list(got) if isinstance(got, tuple) else got) == value, key

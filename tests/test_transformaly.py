@@ -105,7 +105,7 @@ def test_bad_config_raises(overrides, parameter):
 
 
 def test_presets():
-    paper = Transformaly.presets["paper"]
+    paper = Transformaly.config_class.presets["paper"]
     assert (paper["arch"], paper["image_size"], paper["weights"]) == ("vit_base_patch16_384", 384, "imagenet")
     assert parse_layers(paper["layers"], 12) == tuple(range(2, 12))
     with warnings.catch_warnings():
@@ -192,7 +192,7 @@ def test_scoring_before_fit_statistics_raises():
     with pytest.raises(NotFittedError, match="fit_statistics"):
         model.predict(images)
     with pytest.raises(NotFittedError):
-        model.image_score(images)
+        model.score_parts(model.prepare(images))
     model.fit_statistics(image_batches(2))
     scores, maps = model.predict(images)
     assert scores.shape == (6,) and maps.shape == (6, 1, 32, 32)
@@ -203,7 +203,7 @@ def test_score_is_weighted_sum_of_log_likelihoods():
     model = tiny_model(pretrained_score_weight=0.5, student_score_weight=2.0).eval()
     model.fit_statistics(image_batches(3))
     images = image_batches(1, seed=1)[0]["image"]
-    parts = model.score_parts(images)
+    parts = model.score_parts(model.prepare(images))
     torch.testing.assert_close(parts["score"], -(0.5 * parts["pretrained_loglik"] + 2.0 * parts["student_loglik"]))
     # an unseen kind of image (far from the noise it was fitted on) is less likely
     flat = torch.full_like(images, 0.5)

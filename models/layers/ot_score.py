@@ -1,9 +1,14 @@
-"""The prototype optimal-transport score of a vector against a codebook (HVQ-Trans)."""
+"""The prototype optimal-transport score of a vector against a codebook (HVQ-Trans).
+
+Computed in torch with a log-softmax (HVQ-Trans's original code uses sklearn on the CPU and an
+unguarded exponential).
+"""
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
 
 def _direction_and_norm(x: Tensor) -> tuple[Tensor, Tensor]:
     """Unit vectors and norms of ``x [..., D]`` without overflowing for huge entries."""

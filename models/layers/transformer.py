@@ -58,3 +58,16 @@ class DecoderLayer(nn.Module):
         attended = self.cross_attn(x + pos, memory + memory_pos, memory, need_weights=False)[0]
         x = self.norm2(x + self.drop2(attended))
         return self.norm3(x + self.drop3(self.ffn(x)))
+
+
+def decoder_memory_groups(num_memories: int, num_layers: int) -> list[list[int]]:
+    """Which quantised levels each decoder layer cross-attends to.
+
+    With as many layers as levels (the original: 4 and 4) layer i attends to level i; with more
+    layers, consecutive layers share a level; with fewer, each layer attends to a contiguous
+    group of levels (concatenated along the tokens), so that every level is used.
+    """
+    if num_layers >= num_memories:
+        return [[i * num_memories // num_layers] for i in range(num_layers)]
+    bounds = [round(i * num_memories / num_layers) for i in range(num_layers + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(num_layers)]

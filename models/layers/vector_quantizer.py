@@ -1,7 +1,12 @@
 """EMA vector quantisers with one codebook set per class, and the code search they use.
 
-Under DDP the EMA statistics are summed over the workers (each sample counted once, in its
-own class), so workers that see different classes do not mix their codebooks.
+Unlike HVQ-Trans's original code: the EMA statistics are computed for the whole batch at once
+and, under DDP, all-reduced once per level as a ``[classes, codes, dim + 1]`` tensor (each
+sample counted once, in its own class), so workers that see different classes do not mix their
+codebooks (the original reduces per sample inside a Python loop); and codes whose EMA usage
+falls below ``dead_code_threshold`` are restarted from current encoder vectors of their class,
+identically on every worker (the original has no restart). Since usage starts at zero, the
+first training step initialises the codebooks from data.
 """
 
 from __future__ import annotations
@@ -38,6 +43,12 @@ def nearest_codes(z: Tensor, codebook: Tensor) -> Tensor:
 def lookup_codes(codebook: Tensor, codes: Tensor) -> Tensor:
     """``codebook [..., K, D]`` at ``codes [..., N]`` -> ``[..., N, D]`` (leading dims broadcast)."""
     return torch.take_along_dim(codebook, codes.unsqueeze(-1), dim=-2)
+
+
+def quantisation_error(codebook: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
+    """``(squared error of z's nearest codes summed over tokens and dims [...], those codes [..., N, D])``."""
+    q = lookup_codes(codebook, nearest_codes(z, codebook))
+    return (z - q).pow(2).sum(dim=(-1, -2)), q
 
 
 class ClassCodebooks(nn.Module):
