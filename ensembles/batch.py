@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import ray
 
 from ensembles.ensemble import Ensemble, EnsembleError
 from ensembles.query import expand_paths, score_files, unique_name
@@ -41,8 +42,6 @@ class EnsembleScorer:
 def score_folder(ensemble_dir, inputs, out_dir, class_name: str | None = None, actors: int | None = None,
                  batch_size: int = 16) -> Path:
     """Score every image of ``inputs`` with a pool of actors; returns ``OUT/scores.jsonl``."""
-    import ray
-
     Ensemble.load(ensemble_dir, "cpu").fusion_for(class_name)  # fail here, not in the actors, on a bad folder/class
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -80,8 +79,6 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         if a.address:
-            import ray
-
             ray.init(address=a.address, log_to_driver=False)
         target = score_folder(a.ensemble, a.inputs, a.out, a.class_name, a.actors, a.batch_size)
     except EnsembleError as err:

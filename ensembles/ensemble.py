@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 from anomaly_data.transforms import resize_image
 from ensembles.fusion import QuantileNormalizer, RankTable, blur, fuse_maps
+from models import load_model
 
 FORMAT = 1
 CONFIG_FILE = "ensemble.json"
@@ -144,8 +145,6 @@ class Ensemble:
     # ----- persistence -----------------------------------------------------------------
     @classmethod
     def load(cls, folder, device: str | torch.device | None = None) -> "Ensemble":
-        from models import load_model
-
         folder = Path(folder)
         config_path = folder / CONFIG_FILE
         if not config_path.is_file():

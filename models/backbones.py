@@ -308,9 +308,10 @@ def drop_stages_after_last(net: nn.Module) -> None:
     """Drop the blocks of a features_only EfficientNet after its deepest requested stage (they
     only cost time)."""
     blocks = getattr(net, "blocks", None)
-    stage_ids = getattr(net, "_stage_out_idx", None)
-    if isinstance(blocks, nn.Sequential) and stage_ids:
-        net.blocks = blocks[: max(stage_ids)]
+    taps = [name.split(".") for name in net.feature_info.module_name()]
+    used = [int(parts[1]) for parts in taps if len(parts) == 2 and parts[0] == "blocks" and parts[1].isdigit()]
+    if isinstance(blocks, nn.Sequential) and used:
+        net.blocks = blocks[: max(used) + 1]
 
 
 class VGGFeatures(nn.Module):

@@ -146,8 +146,7 @@ class HVQTrans(AnomalyModel):
     def __init__(self, config: HVQTransConfig):
         super().__init__(config)
         c = config
-        self.backbone, self.weights_used = backbones.create_feature_backbone(c.backbone, c.weights, c.out_indices,
-                                                                             self.name)
+        self.backbone, self.weights_used = backbones.create_feature_backbone(c.backbone, c.weights, c.out_indices, self.name)
         backbones.drop_stages_after_last(self.backbone)
         stride = max(self.backbone.feature_info.reduction())
         if c.image_size < stride or c.image_size % stride:
