@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_ROOT = Path(os.environ.get("ANOMALY_ENSEMBLE_CACHE", Path.home() / ".cache" / "anomaly-ensemble"))
 """Where the demo dataset and the prepared-splits cache live; ``ANOMALY_ENSEMBLE_CACHE`` overrides it."""
+
+ENTRY_WAIT_S = 3600.0  # how long a trial waits for another one preparing the same entry
 
 # the modules whose behaviour decides the cached arrays
 _CODE_FILES = ("io.py", "transforms.py", "datasets.py", "defects.py", "validation.py", "splits.py")
@@ -90,20 +93,30 @@ def _load(path: Path, names: tuple[str, ...]) -> dict[str, ArrayDataset]:
 
 
 @contextmanager
-def _entry_lock(path: Path):
-    """Exclusive advisory lock of one entry; without locks (Windows, some network file systems)
-    concurrent trials may both build the entry, which is only slower."""
+def bounded_lock(path: Path, wait_s: float, waiting_for: str):
+    """An exclusive advisory lock on ``path``, waited for at most ``wait_s`` seconds (then a
+    ``TimeoutError`` that says what it waited for). Without locks (Windows, some network file
+    systems) it does not lock: concurrent processes may then do the same work twice."""
     try:
-        import fcntl
-        handle = open(path.with_suffix(".lock"), "a")
+        import fcntl  # POSIX only
+        handle = open(path, "a")
     except (ImportError, OSError):
         yield
         return
     with handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        except OSError as err:
-            log.warning("cannot lock %s (%s); concurrent trials may decode the same data", handle.name, err)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"waited {wait_s:.0f} s for {waiting_for} (lock {path}); if no such "
+                                       "process is alive, delete the lock file and run again") from None
+                time.sleep(0.2)
+            except OSError as err:
+                log.warning("cannot lock %s (%s); concurrent processes may do the same work", path, err)
+                break
         yield  # closing the file releases the lock
 
 
@@ -117,7 +130,7 @@ def cached_datasets(cache_dir: Path, key: str, names: tuple[str, ...],
         log.warning("cannot create the splits cache %s (%s); decoding without it", cache_dir, err)
         return build()
     path = cache_dir / f"splits-{key}.npz"
-    with _entry_lock(path):
+    with bounded_lock(path.with_suffix(".lock"), ENTRY_WAIT_S, f"another trial on this node preparing {path.name}"):
         if path.exists():
             try:
                 return _load(path, names)

@@ -20,6 +20,7 @@ from ray import tune
 from anomaly_data import DATASET_KINDS, DatasetError, read_dataset
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
 from anomaly_data.checks import check_dataset
+from anomaly_data.storage import check_reachable, is_uri, local_root, parse_location
 from anomaly_data.synthetic import ensure_dataset
 from distributed.trial import trains_in_trial
 from ensembles.run_folder import CONFIG_FILE
@@ -39,7 +40,8 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASET_KINDS, default="synthetic",
                    help="layout of --root (synthetic: generated offline into a cache folder when --root is not given)")
-    g.add_argument("--root", type=Path, default=None, help="dataset root folder")
+    g.add_argument("--root", default=None, help="dataset root: a folder, or s3://BUCKET/PREFIX / gs://BUCKET/PREFIX "
+                                               "(each node keeps a local copy of what it reads)")
     g.add_argument("--classes", default=None, help="comma-separated classes (default: all found)")
     g.add_argument("--skip-bad-images", action="store_true",
                    help="skip unreadable training images with a warning instead of stopping")
@@ -91,29 +93,38 @@ def check_address(address: str | None) -> None:
         raise CliError(f"--address {address}: cannot reach the Ray head ({err}); is the cluster up?") from None
 
 
-def resolve_dataset(args) -> tuple[str, Path, dict]:
-    """Dataset kind, root and classes, checked on disk (the synthetic demo data is made here)."""
+def resolve_dataset(args) -> tuple[str, str | Path, Path, dict]:
+    """Dataset kind, root (a path or a URI), the local folder to read it from, and the classes,
+    checked on disk (the synthetic demo data is made here; a URI's objects are mirrored here)."""
     kind, root, classes = args.dataset, args.root, split_list(args.classes)
     if kind == "synthetic" and root is None:
         params = dict(DEMO_DATASET, seed=args.seed)
         root = ensure_dataset(DEFAULT_CACHE_ROOT / f"synthetic-{params['image_size']}px-seed{args.seed}", **params)
         classes = classes or DEMO_CLASSES
     if root is None:
-        raise CliError(f"--dataset {kind} needs --root DIR")
-    root = Path(root).expanduser().resolve()
+        raise CliError(f"--dataset {kind} needs --root DIR (or --root s3://BUCKET/PREFIX)")
     try:
-        found = read_dataset(kind, root, classes, seed=args.seed)
+        root = parse_location(str(root))
+        if is_uri(root):
+            check_reachable(root, must_exist=True)
+            local = local_root(root, classes)
+        else:
+            root = local = root.resolve()
+        found = read_dataset(kind, local, classes, seed=args.seed)
         checked = check_dataset(found, skip_bad=args.skip_bad_images)
     except DatasetError as err:
         raise CliError(str(err)) from None
-    print(f"[data] {root}: {checked.summary()}", flush=True)
-    return kind, root, found
+    print(f"[data] {root}{'' if local == root else f' (local copy {local})'}: {checked.summary()}", flush=True)
+    return kind, root, local, found
 
 
 @dataclass
 class RunContext:
     dataset: str
-    root: Path
+    root: str | Path
+    """As given: a local path, or a URI each node mirrors for itself."""
+    local_root: Path
+    """Where this process reads the dataset: ``root`` itself, or this node's copy of a URI."""
     classes: list[str]
     models: list[str]
     run_dir: Path
@@ -141,7 +152,7 @@ def prepare_run(args, models: list[str]) -> RunContext:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise CliError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     check_address(args.address)
-    kind, root, records = resolve_dataset(args)
+    kind, root, local, records = resolve_dataset(args)
     classes = list(records)
     run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(run_dir).expanduser().resolve()
@@ -149,8 +160,17 @@ def prepare_run(args, models: list[str]) -> RunContext:
         raise CliError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, "
                        "or choose another --run-dir")
     run_dir.mkdir(parents=True, exist_ok=True)
-    return RunContext(kind, root, classes, models, run_dir, args.address, args.workers, args.cpus_per_worker,
+    return RunContext(kind, root, local, classes, models, run_dir, args.address, args.workers, args.cpus_per_worker,
                       args.gpus_per_worker, args.max_concurrent, args.seed, records)
+
+
+def storage_runtime_env() -> dict | None:
+    """The object-store settings every node's workers need (an S3-compatible endpoint, the
+    region), if any is set; never credentials: each node takes those from its own chain (its
+    instance profile)."""
+    names = ("AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+    found = {k: os.environ[k] for k in names if os.environ.get(k)}
+    return {"env_vars": found} if found else None
 
 
 def start_ray(ctx: RunContext) -> None:
@@ -158,7 +178,7 @@ def start_ray(ctx: RunContext) -> None:
     if ray.is_initialized():
         return
     if ctx.address:
-        ray.init(address=ctx.address, log_to_driver=False)
+        ray.init(address=ctx.address, log_to_driver=False, runtime_env=storage_runtime_env())
     else:
         ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
 

@@ -120,12 +120,12 @@ def build_spec(key: str, model: str, classes: tuple[str, ...], preset: str, over
 
 
 def checked(build, where: str):
-    """``build()``, its ``ConfigError`` (or a backbone-free check's) as a ``SpecError`` from ``where``."""
+    """``build()``, a ``ConfigError`` it raises as a ``SpecError`` from ``where``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return build()
-    except ConfigError as err:
+    except (ConfigError, TypeError, ValueError) as err:
         raise SpecError(f"{where}: {err}") from None
 
 

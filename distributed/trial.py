@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 from anomaly_data import prepare_splits
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
+from anomaly_data.storage import local_root
 from distributed.checkpoints import CHECKPOINT_MODEL, CHECKPOINT_STATE, strip_all_but_latest
 from distributed.studies import REUSE_WAIT_ENV, REUSE_WAIT_S
 from ensembles.metrics import image_auroc, pixel_auroc, validation_score
@@ -108,7 +109,8 @@ def _cached_splits(dataset: str, root: str, classes: tuple[str, ...], image_size
 
 def load_splits(job: TrainJob, image_size: int):
     """Decoded once per node (the first trial fills the disk cache), kept in memory per process."""
-    return _cached_splits(job.dataset, str(job.root), tuple(job.classes), int(image_size), job.val_fraction,
+    root = local_root(job.root, job.classes)  # a URI: this node's copy of what the classes need
+    return _cached_splits(job.dataset, str(root), tuple(job.classes), int(image_size), job.val_fraction,
                           job.seed, job.skip_bad_images)
 
 

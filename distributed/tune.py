@@ -117,7 +117,7 @@ def restore_args(argv) -> argparse.Namespace:
         raise CliError(f"--resume {args.resume}: this run folder was not made by distributed.tune")
     resumed = parse_args([])
     for key, value in recorded.items():
-        setattr(resumed, key, Path(value) if key in ("root", "run_dir") and value else value)
+        setattr(resumed, key, Path(value) if key == "run_dir" and value else value)
     resumed.resume, resumed.run_dir = args.resume, args.resume
     if args.address is not None:
         resumed.address = args.address  # the cluster may have a new address after a restart
@@ -297,7 +297,7 @@ def main(argv=None) -> int:
         return 1
     if not args.no_ensemble:
         try:
-            print(build_and_evaluate(ctx.run_dir, index, ctx.dataset, ctx.root, ctx.classes, args.seed,
+            print(build_and_evaluate(ctx.run_dir, index, ctx.dataset, ctx.local_root, ctx.classes, args.seed,
                                      skip_bad_images=args.skip_bad_images), flush=True)
         except (EnsembleError, DatasetError) as err:
             print(f"error: no ensemble: {err}", file=sys.stderr)

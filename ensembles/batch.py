@@ -19,10 +19,16 @@ from pathlib import Path
 import numpy as np
 import ray
 
+from anomaly_data.storage import is_uri
 from ensembles.ensemble import Ensemble, EnsembleError
 from ensembles.query import expand_paths, score_files, unique_name
 
 COLUMNS = ("path", "class", "score", "anomalous", "threshold", "map", "error")
+
+
+def ensemble_location(ensemble_dir) -> str:
+    """What each actor loads: the URI as given (every node fetches its own copy) or the absolute folder."""
+    return str(ensemble_dir) if is_uri(str(ensemble_dir)) else str(Path(ensemble_dir).resolve())
 
 
 class EnsembleScorer:
@@ -57,7 +63,7 @@ def score_folder(ensemble_dir, inputs, out_dir, class_name: str | None = None, a
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = True
     dataset = ray.data.from_items(items).map_batches(
-        EnsembleScorer, fn_constructor_args=(str(Path(ensemble_dir).resolve()), class_name, str(out_dir)),
+        EnsembleScorer, fn_constructor_args=(ensemble_location(ensemble_dir), class_name, str(out_dir)),
         batch_size=batch_size, concurrency=actors, num_gpus=1 if gpus else 0, num_cpus=0 if gpus else 1,
         batch_format="numpy")
     target = out_dir / "scores.jsonl"
@@ -70,7 +76,7 @@ def score_folder(ensemble_dir, inputs, out_dir, class_name: str | None = None, a
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ensembles.batch", description=__doc__.split("\n\n")[0])
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--ensemble", required=True, type=Path)
+    p.add_argument("--ensemble", required=True, help="an ensemble folder (RUN/ensemble), or its s3:// / gs:// URI")
     p.add_argument("--class", dest="class_name", default=None)
     p.add_argument("--out", required=True, type=Path, help="folder for scores.jsonl and the map PNGs")
     p.add_argument("--address", default=None, help="an existing Ray cluster (default: a local one)")

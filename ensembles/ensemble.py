@@ -28,6 +28,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from anomaly_data.records import DatasetError
+from anomaly_data.storage import check_reachable, is_uri, local_mirror, parse_location
 from anomaly_data.transforms import resize_image
 from ensembles.fusion import QuantileNormalizer, RankTable, blur, fuse_maps
 from models import load_model
@@ -117,14 +119,26 @@ def to_tensor_batch(images, side: int) -> torch.Tensor:
 
 @torch.no_grad()
 def run_members(models: dict[str, Any], x: torch.Tensor, resolution: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Each model's ``(image scores [B], maps [B,1,R,R])`` (each model resizes its input itself)."""
+    """Each model's ``(image scores [B], maps [B,1,R,R])``: its own scoring path (``prepare`` resizes
+    the input), the map resized once, from the model's size to the fusion resolution."""
     out = {}
     for name, net in models.items():
-        scores, maps = net.predict(x)
+        scores, maps = net.score(net.prepare(x))
         if tuple(maps.shape[-2:]) != (resolution, resolution):
             maps = F.interpolate(maps, size=(resolution, resolution), mode="bilinear", align_corners=False)
         out[name] = (scores.float(), maps.float())
     return out
+
+
+def local_ensemble(uri: str) -> Path:
+    """This node's copy of the ensemble folder at ``uri`` and of its run's ``best/``."""
+    try:
+        uri = parse_location(uri)
+        run, name = uri.rsplit("/", 1)
+        check_reachable(uri, must_exist=True)
+        return local_mirror(run, [name, "best"]) / name
+    except DatasetError as err:
+        raise EnsembleError(str(err)) from None
 
 
 class Ensemble:
@@ -145,7 +159,9 @@ class Ensemble:
     # ----- persistence -----------------------------------------------------------------
     @classmethod
     def load(cls, folder, device: str | torch.device | None = None) -> "Ensemble":
-        folder = Path(folder)
+        """From a folder, or an ``s3://`` / ``gs://`` URI of one (fetched once into this node's
+        cache with the run's ``best/`` members it refers to)."""
+        folder = local_ensemble(folder) if is_uri(str(folder)) else Path(folder)
         config_path = folder / CONFIG_FILE
         if not config_path.is_file():
             raise EnsembleError(f"{folder} is not an ensemble folder: {CONFIG_FILE} is missing")

@@ -26,6 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from anomaly_data import DATASET_KINDS, DatasetError, load_records, read_dataset, read_mask
+from anomaly_data.storage import check_reachable, is_uri, local_root, parse_location
 from anomaly_data.transforms import resize_mask
 from ensembles.ensemble import Ensemble, EnsembleError, FusionChoice
 from ensembles.fit import ABLATION_PREFIX
@@ -194,11 +195,12 @@ def format_results(frame: pd.DataFrame) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ensembles.evaluate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--ensemble", required=True, type=Path, help="an ensemble folder (RUN/ensemble)")
+    p.add_argument("--ensemble", required=True, help="an ensemble folder (RUN/ensemble), or its s3:// / gs:// URI")
     p.add_argument("--dataset", required=True, choices=DATASET_KINDS)
-    p.add_argument("--root", required=True, type=Path)
+    p.add_argument("--root", required=True, help="dataset root: a folder, or s3://BUCKET/PREFIX / gs://BUCKET/PREFIX")
     p.add_argument("--classes", default=None, help="comma-separated (default: every class of the ensemble)")
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: the ensemble's parent)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: the ensemble's parent; for an "
+                                                          "ensemble URI, the local copy's)")
     p.add_argument("--pixel-resolution", choices=("gt", "input"), default="gt")
     p.add_argument("--overlays", type=int, default=4, help="overlay pictures per class")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
@@ -208,7 +210,11 @@ def main(argv=None) -> int:
     try:
         ens = Ensemble.load(a.ensemble, a.device)
         classes = [c.strip() for c in a.classes.split(",")] if a.classes else None
-        frame = evaluate_ensemble(ens, a.dataset, a.root, classes, a.out or a.ensemble.parent,
+        root = parse_location(a.root)
+        if is_uri(root):
+            check_reachable(root, must_exist=True)
+        frame = evaluate_ensemble(ens, a.dataset, local_root(root, classes or ens.class_names), classes,
+                                  a.out or ens.folder.parent,
                                   a.pixel_resolution, a.overlays, a.seed)
     except (EnsembleError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -103,7 +103,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ensembles.query", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--ensemble", required=True, type=Path, help="an ensemble folder (RUN/ensemble)")
+    p.add_argument("--ensemble", required=True, help="an ensemble folder (RUN/ensemble), or its s3:// / gs:// URI")
     p.add_argument("--class", dest="class_name", default=None, help="class of the images (needed when the "
                                                                     "ensemble covers several)")
     p.add_argument("--out", type=Path, default=Path("anomaly_maps"), help="folder for the map PNGs")

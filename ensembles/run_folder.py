@@ -16,7 +16,7 @@ of a class group, and the index of the best checkpoints.
     RUN/train/train-<trial id>/            the Ray Train run of a DDP trial
 
 Here, not in ``distributed/``: ``ensembles.build`` reads the run folder too, and ``ensembles``
-never imports ``distributed`` (nor Ray); this module imports neither.
+never imports ``distributed``; this module imports neither it nor Ray.
 """
 
 from __future__ import annotations

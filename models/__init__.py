@@ -30,6 +30,11 @@ def register_model(space: str):
             raise ValueError(f"two models are registered as {cls.name!r}: {_MODELS[cls.name]} and {cls}")
         if not issubclass(cls.config_class, ModelConfig):
             raise TypeError(f"{cls.name}: its config_class must derive from models.config.ModelConfig")
+        needed = {"image_size", "weights"} | ({cls.backbone_field} if cls.backbone_field else set())
+        missing = sorted(needed - set(cls.config_class.field_types()))
+        if missing:
+            raise TypeError(f"{cls.name}: its config lacks the field(s) {missing} every model has (the input "
+                            "contract resizes to image_size; checkpoints record the weights)")
         cls.config_class.owner = cls.name
         cls.search_space = space
         _MODELS[cls.name] = cls
@@ -111,7 +116,7 @@ def _load_full_checkpoint(ckpt: dict, path: Path) -> AnomalyModel:
     """Format 1: every tensor, the frozen backbone's included, is in the file."""
     model = _rebuild({**ckpt, "config": {**ckpt["config"], "weights": "none"}}, path)
     model.load_state_dict(ckpt["state_dict"])
-    model.config.weights = ckpt["config"]["weights"]
+    model.config = model.config.replace(weights=ckpt["config"]["weights"])
     model.weights_used = ckpt["weights_used"]
     return model
 

@@ -39,7 +39,9 @@ class AnomalyModel(nn.Module):
 
     Subclasses set ``name`` and ``config_class`` (presets and recipes live on the config), are
     registered with ``models.register_model``, and implement ``loss`` and ``map_of`` (and
-    ``score`` when the image score is not the blurred map's maximum). Frozen parts (backbones,
+    ``score`` when the image score is not the blurred map's maximum). ``map_of`` and ``score``
+    get prepared batches; ``loss(batch)`` and ``fit_statistics(loader)`` get the raw batches and
+    call ``self.prepare`` on their images. Frozen parts (backbones,
     teachers) are registered in ``frozen_modules()`` and stay in eval mode even in ``train()``.
     """
 
@@ -49,7 +51,7 @@ class AnomalyModel(nn.Module):
     # the config field naming the timm architecture whose data config normalises the input
     # (None: no backbone, inputs stay in [0, 1])
     backbone_field: ClassVar[str | None] = "backbone"
-    # sigma (in pixels of the input) of the blur applied before max-pooling the image score
+    # sigma (in pixels of the model input, ``image_size``) of the blur before max-pooling the image score
     score_blur_sigma: ClassVar[float] = 4.0
     # False for a model that is fitted, not trained (no trainable parameter): its whole training
     # is one ``fit_statistics`` pass, with no optimiser, no epochs and no DDP
@@ -71,6 +73,8 @@ class AnomalyModel(nn.Module):
     @classmethod
     def recipe(cls, preset: str | None) -> Recipe:
         """The training recipe of ``preset`` (``Recipe()`` defaults for none)."""
+        if preset is not None:
+            cls.config_class.preset_values(preset)  # an unknown preset is a ConfigError
         return Recipe.build(cls.config_class.recipes.get(preset, {}) if preset else None)
 
     # ----- the interface ---------------------------------------------------------------

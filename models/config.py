@@ -4,8 +4,8 @@ A model's config is a dataclass deriving from ``ModelConfig``. Its fields are ty
 type says what a value must be: ``int``, ``float``, ``bool``, ``str``, ``tuple[int, ...]``,
 ``X | None``, ``Literal[...]``, or one of the bounded kinds below (``PositiveInt``, ``OddInt``,
 ``NonNegative``...). The presets and the training recipe of each preset are data next to the
-fields. ``check()`` holds the rules that tie fields together. A config is checked when it is
-made (and by ``replace``), so one that exists is valid; a bad value is a ``ConfigError`` that
+fields. ``check()`` holds the rules that tie fields together. A config is frozen and checked when it is
+made (and by ``replace``, which makes a checked copy), so one that exists is valid; a bad value is a ``ConfigError`` that
 names the model, the field and what it must be.
 
 The command line's ``--set MODEL.KEY=VALUE`` goes through ``value_of`` (JSON, else the text
@@ -135,7 +135,7 @@ def value_of(text: str) -> Any:
         return text
 
 
-@dataclass
+@dataclass(frozen=True)
 class Checked:
     """A dataclass whose fields are checked against their types (and ``check()``) when made."""
 
@@ -144,15 +144,19 @@ class Checked:
 
     def __post_init__(self) -> None:
         for name, hint in self.field_types().items():
-            object.__setattr__(self, name, check_value(f"{self.owner}: {name}", getattr(self, name), hint))
+            object.__setattr__(self, name, check_value(f"{self.label()}: {name}", getattr(self, name), hint))
         self.check()
+
+    @classmethod
+    def label(cls) -> str:
+        return cls.owner or cls.__name__
 
     def check(self) -> None:
         """Rules that tie fields together; raise ``ConfigError`` via ``self.need``."""
 
     def need(self, ok: bool, message: str) -> None:
         if not ok:
-            raise ConfigError(f"{self.owner}: {message}")
+            raise ConfigError(f"{self.label()}: {message}")
 
     @classmethod
     @functools.cache
@@ -163,9 +167,9 @@ class Checked:
     @classmethod
     def build(cls, base: dict[str, Any] | None = None, **values):
         """``base`` then ``values`` over the field defaults; an unknown field is refused."""
-        unknown = sorted(set(values) - set(cls.field_types()))
+        unknown = sorted((set(base or {}) | set(values)) - set(cls.field_types()))
         if unknown:
-            raise ConfigError(f"{cls.owner}: unknown parameter(s) {unknown}; known: {sorted(cls.field_types())}")
+            raise ConfigError(f"{cls.label()}: unknown parameter(s) {unknown}; known: {sorted(cls.field_types())}")
         return cls(**{**(base or {}), **values})
 
     def replace(self, **changes):
@@ -176,7 +180,7 @@ class Checked:
         return dataclasses.asdict(self)
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelConfig(Checked):
     """The base of every model's config (see the module's docstring)."""
 
@@ -188,7 +192,7 @@ class ModelConfig(Checked):
     @classmethod
     def preset_values(cls, preset: str) -> dict[str, Any]:
         if preset not in cls.presets:
-            raise ConfigError(f"{cls.owner}: unknown preset {preset!r}; choose one of {sorted(cls.presets)}")
+            raise ConfigError(f"{cls.label()}: unknown preset {preset!r}; choose one of {sorted(cls.presets)}")
         return dict(cls.presets[preset])
 
     @classmethod
@@ -197,7 +201,7 @@ class ModelConfig(Checked):
         return cls.build(cls.preset_values(preset) if preset else None, **values)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Recipe(Checked):
     """How a model is trained. One epoch is one pass over the training images; a paper that
     counts its "epochs" in samples (HaloAE: 3000 samples whatever the class size) sets

@@ -45,7 +45,7 @@ from models.layers.ssim import ssim
 # ----------------------------------------------------------------------------------------
 # configuration
 # ----------------------------------------------------------------------------------------
-@dataclass
+@dataclass(frozen=True)
 class HaloAEConfig(ModelConfig):
     """HaloAE hyper-parameters; the defaults are the ``fast`` preset."""
 

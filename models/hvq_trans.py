@@ -57,7 +57,7 @@ from models.layers.vector_quantizer import ClassCodebooks, quantisation_error
 MAX_LEVELS = 5
 
 
-@dataclass
+@dataclass(frozen=True)
 class HVQTransConfig(ModelConfig):
     """HVQ-Trans hyper-parameters; the defaults are the ``fast`` preset."""
 

@@ -9,7 +9,7 @@ from the paper; no code of the original or of anomalib is used.
           -> fit: every training patch, reduced to a coreset by greedy k-centre selection on a
              random projection (``coreset_ratio`` of the patches)
           -> patch score: distance to the nearest memory patch (mean of the ``k`` nearest)
-          -> map: patch scores upsampled to the input and blurred (sigma ``map_blur_sigma`` px)
+          -> map: patch scores upsampled to ``image_size`` and blurred (sigma ``map_blur_sigma`` px)
           -> image score: the largest patch score, re-weighted by how isolated its nearest
              memory patch is among its ``reweight_neighbours`` neighbours (the paper's eq. 7)
 
@@ -34,7 +34,7 @@ from models.layers.blur import gaussian_blur
 DISTANCE_CHUNK = 4096  # query patches per distance matrix, to bound memory at large inputs
 
 
-@dataclass
+@dataclass(frozen=True)
 class PatchCoreConfig(ModelConfig):
     backbone: str = "tf_efficientnet_lite0"
     """timm CNN used as the frozen feature extractor."""
@@ -55,7 +55,7 @@ class PatchCoreConfig(ModelConfig):
     reweight_neighbours: PositiveInt = 9
     """Neighbours of the nearest memory patch used to re-weight the image score (the paper: b = 9)."""
     map_blur_sigma: NonNegative = 4.0
-    """Gaussian blur of the upsampled map, in input pixels."""
+    """Gaussian blur of the map upsampled to ``image_size``, in pixels of that size."""
     seed: int = 0
     """Seed of the projection and of the coreset's first pick."""
 

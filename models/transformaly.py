@@ -13,11 +13,11 @@ After Cohen & Avidan, "Transformaly - Two (Feature Spaces) Are Better Than One" 
   (components kept until the cumulative explained variance reaches ``whitening_threshold``) and
   (b) the Gaussian log-likelihood of the per-layer student error vector (one mean squared error
   over tokens and dims per chosen layer). Both Gaussians are fitted by ``fit_statistics`` on
-  the training normals and saved as buffers: **call ``fit_statistics`` before ``predict`` /
-  ``image_score``** (``models.training.fit`` does); scoring before raises ``NotFittedError``.
+  the training normals and saved as buffers: **call ``fit_statistics`` before ``predict``**
+  (``models.training.fit`` does); scoring before raises ``NotFittedError``.
 - Anomaly map (not in the original): per-patch student error (mean over dims of the squared
-  error, averaged over the chosen layers) on the patch grid, upsampled bilinearly to the input
-  size and blurred with ``map_blur_sigma``. The map needs no fitted statistics.
+  error, averaged over the chosen layers) on the patch grid, upsampled bilinearly to
+  ``image_size`` and blurred with ``map_blur_sigma`` (then to the input's size). The map needs no fitted statistics.
 
 Differences from the original on purpose: the teacher runs once (not twice) and in eval mode
 (no dropout); the PCA keeps the right number of components (the original kept one too few);
@@ -46,7 +46,7 @@ from models.layers.blur import gaussian_blur
 from models.layers.gaussian import GaussianDensity, NotFittedError, PCAWhitening
 
 
-@dataclass
+@dataclass(frozen=True)
 class TransformalyConfig(ModelConfig):
     arch: str = "vit_tiny_patch16_224"
     """timm ViT teacher (a ``vit_*`` model with ``.blocks``), built at ``image_size``."""
@@ -70,7 +70,7 @@ class TransformalyConfig(ModelConfig):
     covariance_shrinkage: Fraction = 0.01
     """Both Gaussians: covariance <- (1-a) * covariance + a * mean variance * I, a in [0, 1)."""
     map_blur_sigma: NonNegative = 4.0
-    """Gaussian blur (px of the input) of the upsampled patch-error map; 0 = none."""
+    """Gaussian blur (px at ``image_size``) of the upsampled patch-error map; 0 = none."""
 
     presets = {
         # the original: ViT-B/16 at 384 px, ImageNet weights, students on blocks 2..11
@@ -224,7 +224,8 @@ class Transformaly(AnomalyModel):
         t = self.teacher
         last = len(t.blocks) if with_cls else self.layers[-1] + 1
         states: list[Tensor] = []
-        hooks = [block.register_forward_pre_hook(lambda _, args: states.append(args[0])) for block in t.blocks[:last]]
+        hooks = [block.register_forward_pre_hook(lambda _, args, kwargs: states.append(args[0] if args else kwargs["x"]),
+                                                 with_kwargs=True) for block in t.blocks[:last]]
         hooks.append(t.blocks[last - 1].register_forward_hook(lambda _, args, out: states.append(out)))
         try:
             t.forward_intermediates(x, indices=[last - 1], stop_early=True, intermediates_only=True, output_fmt="NLC")

@@ -18,7 +18,7 @@ from models.base import AnomalyModel
 from models.config import ModelConfig
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeConfig(ModelConfig):
     kind: str = "perfect"
     scale: float = 1.0

@@ -30,7 +30,7 @@ from models.base import AnomalyModel
 from models.config import ModelConfig, PositiveInt
 
 
-@dataclass
+@dataclass(frozen=True)
 class ToyConfig(ModelConfig):
     width: PositiveInt = 2
     image_size: PositiveInt = 32
