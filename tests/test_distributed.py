@@ -425,3 +425,20 @@ def test_every_model_runs_at_its_paper_preset_to_the_ensemble_table(tmp_path):
     assert files and all(f.startswith("../best/") for f in files)      # one copy, referred to
     assert not (run / "ensemble" / "members").exists()
     assert not list((run / "tune").rglob("checkpoint_*"))             # finished studies keep best/ only
+
+
+def test_the_train_command_trains_each_class_once_and_keeps_its_best_model(tmp_path, synthetic_root):
+    from models import load_model
+
+    run = tmp_path / "run"
+    out = run_cli(["-m", "distributed.train", "--model", "hvq_trans", "--dataset", "mvtec", "--root",
+                   str(synthetic_root), "--classes", "brick,washer", "--epochs", "1", "--set",
+                   "hvq_trans.codebook_size=16", *SMALL, "--run-dir", str(run)], timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    index = json.loads((run / "best.json").read_text())
+    assert sorted(i["classes"][0] for i in index) == ["brick", "washer"]
+    config = json.loads((run / "config.json").read_text())
+    assert {job["config"]["codebook_size"] for job in config["jobs"].values()} == {16}   # --set reached each job
+    for classes in ("brick", "washer"):
+        net = load_model(run / "best" / "hvq_trans" / classes / "model.pt")
+        assert net.config.codebook_size == 16 and net.config.image_size == 64
