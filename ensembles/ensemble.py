@@ -134,6 +134,8 @@ def local_ensemble(uri: str) -> Path:
     """This node's copy of the ensemble folder at ``uri`` and of its run's ``best/``."""
     try:
         uri = parse_location(uri)
+        if "/" not in uri.split("://", 1)[1]:
+            raise EnsembleError(f"{uri}: give the ensemble folder's URI, e.g. s3://BUCKET/runs/a/ensemble")
         run, name = uri.rsplit("/", 1)
         check_reachable(uri, must_exist=True)
         return local_mirror(run, [name, "best"]) / name

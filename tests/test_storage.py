@@ -88,6 +88,13 @@ def test_bad_uris_are_refused_with_what_to_give(text, message):
         parse_location(text)
 
 
+def test_an_ensemble_uri_must_name_a_folder():
+    from ensembles.ensemble import Ensemble, EnsembleError
+
+    with pytest.raises(EnsembleError, match="give the ensemble folder's URI"):
+        Ensemble.load("s3://some-bucket")
+
+
 def test_gs_goes_through_the_same_file_system_choice():
     fs, path = storage.store(parse_location("gs://some-bucket/runs/a"))
     assert isinstance(fs, pafs.GcsFileSystem) and path == "some-bucket/runs/a"
