@@ -186,6 +186,16 @@ def dataset_prefixes(classes: Iterable[str] | None) -> list[str] | None:
     return None if classes is None else [*classes, "split_csv"]
 
 
+def resolve_root(text: str | os.PathLike, classes: Iterable[str] | None = None) -> tuple[str | Path, Path]:
+    """``(location, local folder)`` of a dataset root the user gave: a resolved path (both), or a
+    URI checked for reachability and mirrored on this node (only ``classes``'s objects, when given)."""
+    location = parse_location(text)
+    if not is_uri(location):
+        return location.resolve(), location.resolve()
+    check_reachable(location, must_exist=True)
+    return location, local_root(location, classes)
+
+
 def local_root(location: str | Path, classes: Iterable[str] | None = None) -> Path:
     """A dataset root to read from: a local path itself, or the node-local mirror of a URI
     (only the objects ``classes`` need, when given)."""

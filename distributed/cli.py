@@ -20,7 +20,7 @@ from ray import tune
 from anomaly_data import DATASET_KINDS, DatasetError, read_dataset
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
 from anomaly_data.checks import check_dataset
-from anomaly_data.storage import check_reachable, is_uri, local_root, parse_location
+from anomaly_data.storage import resolve_root
 from anomaly_data.synthetic import ensure_dataset
 from distributed.trial import trains_in_trial
 from ensembles.run_folder import CONFIG_FILE
@@ -104,12 +104,7 @@ def resolve_dataset(args) -> tuple[str, str | Path, Path, dict]:
     if root is None:
         raise CliError(f"--dataset {kind} needs --root DIR (or --root s3://BUCKET/PREFIX)")
     try:
-        root = parse_location(str(root))
-        if is_uri(root):
-            check_reachable(root, must_exist=True)
-            local = local_root(root, classes)
-        else:
-            root = local = root.resolve()
+        root, local = resolve_root(str(root), classes)
         found = read_dataset(kind, local, classes, seed=args.seed)
         checked = check_dataset(found, skip_bad=args.skip_bad_images)
     except DatasetError as err:

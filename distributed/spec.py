@@ -125,7 +125,7 @@ def checked(build, where: str):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return build()
-    except (ConfigError, TypeError, ValueError) as err:
+    except (TypeError, ValueError) as err:  # ConfigError is a ValueError
         raise SpecError(f"{where}: {err}") from None
 
 

@@ -26,7 +26,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from anomaly_data import DATASET_KINDS, DatasetError, load_records, read_dataset, read_mask
-from anomaly_data.storage import check_reachable, is_uri, local_root, parse_location
+from anomaly_data.storage import resolve_root
 from anomaly_data.transforms import resize_mask
 from ensembles.ensemble import Ensemble, EnsembleError, FusionChoice
 from ensembles.fit import ABLATION_PREFIX
@@ -210,11 +210,8 @@ def main(argv=None) -> int:
     try:
         ens = Ensemble.load(a.ensemble, a.device)
         classes = [c.strip() for c in a.classes.split(",")] if a.classes else None
-        root = parse_location(a.root)
-        if is_uri(root):
-            check_reachable(root, must_exist=True)
-        frame = evaluate_ensemble(ens, a.dataset, local_root(root, classes or ens.class_names), classes,
-                                  a.out or ens.folder.parent,
+        local = resolve_root(a.root, classes or ens.class_names)[1]
+        frame = evaluate_ensemble(ens, a.dataset, local, classes, a.out or ens.folder.parent,
                                   a.pixel_resolution, a.overlays, a.seed)
     except (EnsembleError, DatasetError) as err:
         print(f"error: {err}", file=sys.stderr)

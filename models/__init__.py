@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import pkgutil
 import warnings
@@ -43,11 +44,16 @@ def register_model(space: str):
 
 
 def _registry() -> dict[str, type[AnomalyModel]]:
-    """Every model file of this package, imported once (its decorator registers it)."""
+    _import_model_files()
+    return _MODELS
+
+
+@functools.cache
+def _import_model_files() -> None:
+    """Import every model file of this package once (its decorator registers it)."""
     for info in pkgutil.iter_modules(__path__):
         if info.name not in _NOT_MODELS:
             importlib.import_module(f"{__name__}.{info.name}")
-    return _MODELS
 
 
 def model_names() -> list[str]:

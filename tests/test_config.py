@@ -81,17 +81,18 @@ def test_the_registry_is_the_one_list_of_models_with_their_search_spaces():
         model_class("nope")
 
 
+@dataclasses.dataclass(frozen=True)
+class NoSizeConfig(ModelConfig):
+    weights: str = "none"
+
+
+def model_without_size(name: str) -> type[AnomalyModel]:
+    return type(name, (AnomalyModel,), {"name": name, "config_class": NoSizeConfig, "backbone_field": None})
+
+
 def test_a_second_model_under_a_taken_name_is_refused():
-    @dataclasses.dataclass(frozen=True)
-    class OtherConfig(ModelConfig):
-        weights: str = "none"
-
-    class Other(AnomalyModel):
-        name = "haloae"
-        config_class = OtherConfig
-
     with pytest.raises(ValueError, match="two models are registered as 'haloae'"):
-        register_model(space="search_spaces.haloae")(Other)
+        register_model(space="search_spaces.haloae")(model_without_size("haloae"))
     assert model_class("haloae").__name__ == "HaloAE"
 
 
@@ -99,18 +100,8 @@ def test_a_config_is_frozen_and_a_model_config_without_the_contract_fields_is_re
     config = HaloAEConfig()
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.halo = 99
-
-    @dataclasses.dataclass(frozen=True)
-    class NoSizeConfig(ModelConfig):
-        weights: str = "none"
-
-    class NoSize(AnomalyModel):
-        name = "no_size"
-        config_class = NoSizeConfig
-        backbone_field = None
-
     with pytest.raises(TypeError, match=r"lacks the field\(s\) \['image_size'\]"):
-        register_model(space="search_spaces.haloae")(NoSize)
+        register_model(space="search_spaces.haloae")(model_without_size("no_size"))
     with pytest.raises(ConfigError, match="NoSizeConfig: unknown parameter"):   # an unregistered config's name
         NoSizeConfig.build({"typo": 1})
     with pytest.raises(ConfigError, match="haloae: unknown preset 'huge'"):
