@@ -1,6 +1,7 @@
 """Synthetic defects on ``uint8 [H, W, 3]`` images, each returning ``(image, mask)``.
 
-The validation set uses these (Perlin-shaped foreign texture, CutPaste, scar) so that tuning,
+The validation set uses these (Perlin-shaped foreign texture, CutPaste, scar; distortion and re-tone
+of the image's own content in a Perlin-shaped region) so that tuning,
 early stopping and fusion never see a test image. The dataset generator uses the shape
 primitives (Perlin blobs, rotated bars, strokes) for its own, different test defects.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import numpy as np
+from scipy import ndimage
 
 from anomaly_data.transforms import resize_image
 
@@ -156,7 +158,58 @@ def scar(image: np.ndarray, rng: np.random.Generator):
     return out, changed_pixels(image, out, mask)
 
 
-VALIDATION_DEFECTS = {"perlin_foreign": perlin_foreign, "cutpaste": cutpaste, "scar": scar}
+def soft_region(shape, rng: np.random.Generator, min_area=0.02, max_area=0.15) -> tuple[np.ndarray, np.ndarray]:
+    """A Perlin-shaped region, feathered into a weight in [0, 1] (no hard edge), and its mask as a
+    person would draw it: where the weight is at least one half, changed pixels or not (a dent on a
+    flat patch changes few pixels, yet all of it is the defect)."""
+    region = perlin_blob_mask(shape, rng, min_area, max_area)
+    weight = ndimage.gaussian_filter(region.astype(np.float32), max(1.0, min(shape) / 48))
+    weight = np.clip(weight / max(float(weight.max()), 1e-6), 0, 1)
+    return weight >= 0.5, weight
+
+
+def distortion(image: np.ndarray, rng: np.random.Generator):
+    """The image's own content displaced inside a Perlin-shaped region by a smooth random field: a
+    change of geometry (a bend, a dent, a pushed fibre) with no foreign colour in it."""
+    h, w = image.shape[:2]
+    mask, weight = soft_region((h, w), rng)
+    amplitude = rng.uniform(0.05, 0.12) * min(h, w)
+    cells = int(rng.integers(2, 5))
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    coords = [yy + amplitude * perlin_noise((h, w), cells, rng) * weight,
+              xx + amplitude * perlin_noise((h, w), cells, rng) * weight]
+    out = np.stack([ndimage.map_coordinates(image[..., c].astype(np.float32), coords, order=1, mode="reflect")
+                    for c in range(image.shape[2])], axis=-1)
+    out = np.clip(out + 0.5, 0, 255).astype(np.uint8)
+    return out, mask
+
+
+def retone(image: np.ndarray, rng: np.random.Generator):
+    """The image's own pixels re-toned inside a Perlin-shaped region, faint to strong: darker or
+    brighter, flattened contrast, blurred, or colour-shifted (wear, a stain that is not a foreign
+    texture, discolouration)."""
+    mask, weight = soft_region(image.shape[:2], rng)
+    x = image.astype(np.float32)
+    how = ("gain", "contrast", "blur", "colour")[int(rng.integers(4))]
+    if how == "gain":
+        changed = x * (rng.uniform(0.55, 0.85) if rng.random() < 0.5 else rng.uniform(1.2, 1.5))
+    elif how == "contrast":
+        changed = x.mean((0, 1)) + (x - x.mean((0, 1))) * rng.uniform(0.2, 0.6)
+    elif how == "blur":
+        changed = ndimage.gaussian_filter(x, (rng.uniform(1.5, 3.5) * min(image.shape[:2]) / 128,) * 2 + (0,))
+    else:
+        changed = x + rng.uniform(-40, 40, size=3)
+    out = x * (1 - weight[..., None]) + changed * weight[..., None]
+    return np.clip(out + 0.5, 0, 255).astype(np.uint8), mask
+
+
+# Two families: foreign content put on the image (a photo, a patch of itself, a bar), and the
+# image's own content changed in place (its geometry, its tone). Leave-one-kind-out fusion and
+# selection only learn something that transfers when the kinds differ this much: with the
+# first family alone, members that catch pasted content and miss subtle in-place changes looked
+# best on validation and worst on test (surfaces family, python -m bench.peers).
+VALIDATION_DEFECTS = {"perlin_foreign": perlin_foreign, "cutpaste": cutpaste, "scar": scar,
+                      "distortion": distortion, "retone": retone}
 
 
 def apply_validation_defect(image: np.ndarray, rng: np.random.Generator, kinds=None):

@@ -17,6 +17,7 @@ downloading it (a file lock, bounded).
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import json
 import logging
@@ -114,17 +115,20 @@ def check_reachable(uri: str, must_exist: bool) -> bool:
     return bool(found)
 
 
-def object_stamps(uri: str, prefixes: Iterable[str] | None = None) -> dict[str, tuple[int, int]]:
+def object_stamps(uri: str, prefixes: Iterable[str] | None = None,
+                  exclude: Iterable[str] = ()) -> dict[str, tuple[int, int]]:
     """``{key relative to uri: (size, last-modified ns)}`` of every object under ``prefixes``
-    (relative to ``uri``; all objects when None)."""
+    (relative to ``uri``; all objects when None), but those under the top-level ``exclude`` folders."""
     fs, base = store(uri)
     tops = [base] if prefixes is None else [f"{base}/{p.strip('/')}" for p in prefixes]
+    skipped = tuple(f"{e.strip('/')}/" for e in exclude)
     stamps = {}
     try:
         for top in tops:
             for info in fs.get_file_info(pafs.FileSelector(top, recursive=True, allow_not_found=True)):
-                if info.type == pafs.FileType.File:
-                    stamps[info.path[len(base) + 1:]] = (int(info.size), int(info.mtime_ns or 0))
+                key = info.path[len(base) + 1:]
+                if info.type == pafs.FileType.File and not key.startswith(skipped):
+                    stamps[key] = (int(info.size), int(info.mtime_ns or 0))
     except OSError as err:
         raise StorageError(f"{uri}: {_reason(err)}") from None
     return stamps
@@ -135,16 +139,18 @@ def mirror_folder(uri: str) -> Path:
     return MIRROR_ROOT / scheme / rest
 
 
-def local_mirror(uri: str, prefixes: Iterable[str] | None = None, wait_s: float = MIRROR_WAIT_S) -> Path:
+def local_mirror(uri: str, prefixes: Iterable[str] | None = None, wait_s: float = MIRROR_WAIT_S,
+                 exclude: Iterable[str] = ()) -> Path:
     """The node-local folder holding the objects under ``uri`` (those under ``prefixes`` only,
-    when given), up to date with the store; see the module's docstring."""
+    when given; none under the top-level ``exclude`` folders), up to date with the store; see
+    the module's docstring."""
     fs, base = store(uri)
     local = mirror_folder(uri)
     local.mkdir(parents=True, exist_ok=True)
     with bounded_lock(local / ".lock", wait_s, f"another process on this node downloading {uri}"):
         manifest_path = local / MANIFEST
         manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
-        wanted = object_stamps(uri, prefixes)
+        wanted = object_stamps(uri, prefixes, exclude)
         stale = [k for k, stamp in wanted.items() if manifest.get(k) != list(stamp) or not (local / k).is_file()]
         started, size = time.perf_counter(), 0
         for i, key in enumerate(stale):
@@ -200,3 +206,111 @@ def local_root(location: str | Path, classes: Iterable[str] | None = None) -> Pa
     """A dataset root to read from: a local path itself, or the node-local mirror of a URI
     (only the objects ``classes`` need, when given)."""
     return local_mirror(location, dataset_prefixes(classes)) if is_uri(location) else Path(location)
+
+
+# ----- files of a run folder that may live in a bucket -------------------------------------------
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """``(pyarrow file system, path in it)`` of a local path or a parsed URI."""
+    if is_uri(location):
+        return store(str(location))
+    return pafs.LocalFileSystem(), str(Path(location).resolve())
+
+
+def location_of(fs: pafs.FileSystem, path: str) -> str | Path:
+    """The location (URI or local path) of ``path`` on ``fs``, e.g. a Ray checkpoint's."""
+    scheme = {"s3": "s3", "gcs": "gs"}.get(fs.type_name)
+    if scheme is None:
+        return Path(path)
+    return f"{scheme}://{path.split('://', 1)[-1].strip('/')}"
+
+
+def is_file(location: str | Path) -> bool:
+    fs, path = filesystem(location)
+    try:
+        return fs.get_file_info(path).type == pafs.FileType.File
+    except OSError as err:
+        raise StorageError(f"{location}: {_reason(err)}") from None
+
+
+def read_bytes(location: str | Path) -> bytes:
+    fs, path = filesystem(location)
+    try:
+        with fs.open_input_stream(path) as src:
+            return src.read()
+    except OSError as err:
+        raise StorageError(f"{location}: cannot read it ({_reason(err)})") from None
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    """Write ``data`` whole: a rename into place on a local disk, one PUT on an object store
+    (readers see the old object or the new one, never a part)."""
+    if not is_uri(location):
+        path = Path(location)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return
+    fs, path = filesystem(location)
+    try:
+        with fs.open_output_stream(path) as out:
+            out.write(data)
+    except OSError as err:
+        raise StorageError(f"{location}: cannot write it ({_reason(err)})") from None
+
+
+def subfolders(location: str | Path, pattern: str) -> list[str | Path]:
+    """The folders directly under ``location`` whose names match the glob ``pattern``, sorted."""
+    fs, path = filesystem(location)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, recursive=False, allow_not_found=True))
+    except OSError as err:
+        raise StorageError(f"{location}: {_reason(err)}") from None
+    names = sorted(Path(i.path).name for i in infos if i.type == pafs.FileType.Directory)
+    return [join(location, n) for n in names if fnmatch.fnmatch(n, pattern)]
+
+
+def delete_folder(location: str | Path) -> None:
+    fs, path = filesystem(location)
+    try:
+        fs.delete_dir(path)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise StorageError(f"{location}: cannot delete it ({_reason(err)})") from None
+
+
+UPLOADED = ".uploaded.json"  # in a staged run folder: what upload_folder has already put in the bucket
+
+
+def upload_folder(local: Path, uri: str, exclude: Iterable[str] = (), last: Iterable[str] = ()) -> int:
+    """Put the files of ``local`` under ``uri``, one PUT each, those changed since the last upload
+    only (size + modification time); none under the top-level ``exclude`` folders, no dot-file and no
+    temporary file. The keys in ``last`` go after every other file: index files that point at the
+    others, so that a reader who sees them finds what they name. Returns how many were put."""
+    fs, base = store(uri)
+    skipped = tuple(f"{e.strip('/')}/" for e in exclude)
+    state_path = local / UPLOADED
+    uploaded = json.loads(state_path.read_text()) if state_path.is_file() else {}
+    last = list(last)
+    todo = []
+    for path in sorted(local.rglob("*")):
+        key = path.relative_to(local).as_posix()
+        if (not path.is_file() or key.startswith(skipped) or any(p.startswith(".") for p in key.split("/"))
+                or path.suffix in (".tmp", ".part", ".lock")):
+            continue
+        stat = path.stat()
+        if uploaded.get(key) != [stat.st_size, stat.st_mtime_ns]:
+            todo.append((key, [stat.st_size, stat.st_mtime_ns]))
+    todo.sort(key=lambda item: (item[0] in last, last.index(item[0]) if item[0] in last else 0))
+    for key, stamp in todo:
+        try:
+            with open(local / key, "rb") as src, fs.open_output_stream(f"{base}/{key}") as out:
+                while chunk := src.read(8 << 20):
+                    out.write(chunk)
+        except OSError as err:
+            raise StorageError(f"{uri}/{key}: cannot upload it ({_reason(err)})") from None
+        uploaded[key] = stamp
+    if todo:
+        _write_json(state_path, uploaded)
+    return len(todo)

@@ -1,10 +1,12 @@
 """The second benchmark family: other surfaces, other defect makers.
 
 Selected on one kind of defect, tested on another: the validation defects (``anomaly_data.defects``:
-pasted foreign textures, CutPaste, scars) and the first family's test defects (scratch, hole,
-stain, contamination, missing part) are strong, sharp-edged changes. This family's defects are
-subtle surface changes made by other means, and its classes are cut from other photos or
-rendered, so that a choice fitted to our validation defects is measured on defects it never saw:
+pasted foreign textures, CutPaste, scars, and in-place distortions and re-toned regions in
+Perlin-shaped masks) and the first family's test defects (scratch, hole, stain, contamination,
+missing part) are made by other code. This family's defects are subtle surface changes made by
+other means (Gaussian bumps and their gradients, random-walk fibres, ellipses of wear, shading
+ridges), and its classes are cut from other photos or rendered, so that a choice fitted to our
+validation defects is measured on defects it never saw:
 
 - classes: ``moon`` (lunar surface) and ``cell`` (microscopy) crops of scikit-image photos that
   no other generator uses for normals, ``weave`` (rendered fabric) and ``brushed`` (rendered

@@ -12,11 +12,13 @@ best ``model.pt`` has been exported to ``RUN/best/`` (the one copy ``ensemble/``
 
 from __future__ import annotations
 
-import shutil
+import io
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import torch
 
+from anomaly_data.storage import delete_folder, is_file, join, location_of, read_bytes, subfolders, write_bytes
 from ensembles.run_folder import train_run_dir
 
 CHECKPOINT_MODEL = "model.pt"  # models.load_model reads it
@@ -24,49 +26,61 @@ CHECKPOINT_STATE = "state.pt"  # optimiser state, epoch, random state: what a re
 CHECKPOINT_GLOB = "checkpoint_*"
 
 
-def strip_trial(trial_path: str | None, run_dir: Path, trial_id: str | None) -> None:
-    for folder in trial_checkpoint_folders(trial_path, run_dir, trial_id):
+def strip_trial(trial_location: str | Path | None, storage: str | Path, trial_id: str | None) -> None:
+    for folder in trial_checkpoint_folders(trial_location, storage, trial_id):
         strip_optimizer_state(folder)
 
 
-def trial_checkpoint_folders(trial_path: str | None, run_dir: Path, trial_id: str | None) -> list[Path]:
-    """The checkpoint folders a trial wrote: in its Tune folder, and in its Ray Train run (DDP)."""
+def trial_checkpoint_folders(trial_location: str | Path | None, storage: str | Path,
+                             trial_id: str | None) -> list[str | Path]:
+    """The checkpoint folders a trial wrote: in its Tune folder, and in its Ray Train run (DDP),
+    on a local disk or in the run's bucket (``storage``: the run folder or its URI)."""
     folders = []
-    if trial_path:
-        folders += sorted(Path(trial_path).glob(CHECKPOINT_GLOB))
+    if trial_location:
+        folders += subfolders(trial_location, CHECKPOINT_GLOB)
     if trial_id:
-        folders += sorted(train_run_dir(run_dir, trial_id).glob(CHECKPOINT_GLOB))
+        folders += subfolders(train_run_dir(storage, trial_id), CHECKPOINT_GLOB)
     return folders
 
 
-def strip_optimizer_state(folder: Path) -> bool:
-    """Rewrite ``folder/state.pt`` without its optimiser state; True when it had one."""
-    path = folder / CHECKPOINT_STATE
-    if not path.is_file():
+def strip_optimizer_state(folder: str | Path) -> bool:
+    """Rewrite ``folder/state.pt`` (a path or a URI) without its optimiser state; True when it had one."""
+    path = join(folder, CHECKPOINT_STATE)
+    if not is_file(path):
         return False
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=False)
     if state.get("optimizer") is None:
         return False
     state["optimizer"] = None
-    tmp = path.with_suffix(".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_bytes(path, buffer.getvalue())
     return True
 
 
 def strip_all_but_latest(trial_dir: Path) -> None:
     """Empty the optimiser state of every checkpoint in ``trial_dir`` but the newest (the one a
-    resume starts from). Nothing to do where Tune keeps checkpoints elsewhere (object storage)."""
+    resume starts from). Nothing to do where Tune keeps checkpoints elsewhere (object storage):
+    there the trial's folder on this node holds none, and ``DropOptimizerState`` empties them
+    when the trial ends."""
     for folder in sorted(Path(trial_dir).glob(CHECKPOINT_GLOB))[:-1]:
         strip_optimizer_state(folder)
 
 
-def drop_trial_checkpoints(results, run_dir: Path) -> int:
+def result_location(result) -> str | Path | None:
+    """Where a Tune result's trial folder is: a local path, or a URI in the run's bucket."""
+    path = getattr(result, "path", None)
+    if not path:
+        return None
+    return location_of(getattr(result, "filesystem", None) or pafs.LocalFileSystem(), str(path))
+
+
+def drop_trial_checkpoints(results, storage: str | Path) -> int:
     """Delete the checkpoint folders of a finished study's trials; returns how many."""
     count = 0
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id")
-        for folder in trial_checkpoint_folders(getattr(result, "path", None), Path(run_dir), trial_id):
-            shutil.rmtree(folder, ignore_errors=True)
+        for folder in trial_checkpoint_folders(result_location(result), storage, trial_id):
+            delete_folder(folder)
             count += 1
     return count

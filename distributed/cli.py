@@ -8,6 +8,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import socket
 import time
 from dataclasses import dataclass, field
@@ -20,10 +21,11 @@ from ray import tune
 from anomaly_data import DATASET_KINDS, DatasetError, read_dataset
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
 from anomaly_data.checks import check_dataset
-from anomaly_data.storage import resolve_root
+from anomaly_data.storage import (StorageError, check_reachable, is_file, is_uri, join, local_mirror, mirror_folder,
+                                   parse_location, resolve_root)
 from anomaly_data.synthetic import ensure_dataset
 from distributed.trial import trains_in_trial
-from ensembles.run_folder import CONFIG_FILE
+from ensembles.run_folder import CONFIG_FILE, TRAIN_DIR, TUNE_DIR
 from models import model_names
 
 DRIVER_CPU = 0.1  # a trial only drives Train workers: a fraction of a CPU is enough
@@ -63,7 +65,10 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="runs at the same time (default: as many as the cluster's resources fit)")
     g.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto or HOST:PORT); "
                                                    "default: start a local Ray instance")
-    g.add_argument("--run-dir", type=Path, default=None, help="run folder (default: runs/<timestamp>)")
+    g.add_argument("--run-dir", default=None,
+                   help="run folder: a local path (default: runs/<timestamp>) or s3://BUCKET/PREFIX / "
+                        "gs://BUCKET/PREFIX (Tune and Train write there directly; this machine stages the "
+                        "run's own files and uploads them)")
 
 
 def split_list(value: str | None) -> list[str] | None:
@@ -131,6 +136,18 @@ class RunContext:
     seed: int
     records: dict[str, Any] = field(default_factory=dict, repr=False)
     """Per class, its ``anomaly_data.ClassRecords`` (paths only, nothing decoded)."""
+    run_uri: str | None = None
+    """The run's bucket URI; ``run_dir`` is then this machine's staging copy of the run's own files."""
+
+    @property
+    def storage(self) -> str:
+        """Where Ray Tune and Ray Train write: the run's URI, or the run folder."""
+        return self.run_uri or str(self.run_dir)
+
+    @property
+    def location(self) -> str:
+        """The run as the user names it (``--resume`` takes it)."""
+        return self.run_uri or str(self.run_dir)
 
     def resources(self) -> dict[str, float]:
         return {"workers": self.workers, "cpus_per_worker": self.cpus_per_worker,
@@ -147,16 +164,39 @@ def prepare_run(args, models: list[str]) -> RunContext:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise CliError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     check_address(args.address)
+    run_dir, run_uri = resolve_run_dir(args.run_dir, resuming=getattr(args, "resume", None) is not None)
     kind, root, local, records = resolve_dataset(args)
     classes = list(records)
-    run_dir = args.run_dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(run_dir).expanduser().resolve()
-    if (run_dir / CONFIG_FILE).exists() and getattr(args, "resume", None) is None:
-        raise CliError(f"run folder {run_dir} already holds a run: continue it with --resume {run_dir}, "
-                       "or choose another --run-dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
     return RunContext(kind, root, local, classes, models, run_dir, args.address, args.workers, args.cpus_per_worker,
-                      args.gpus_per_worker, args.max_concurrent, args.seed, records)
+                      args.gpus_per_worker, args.max_concurrent, args.seed, records, run_uri)
+
+
+def resolve_run_dir(given: str | None, resuming: bool) -> tuple[Path, str | None]:
+    """The local run folder, and the run's URI when it is in a bucket (the local folder is then
+    this machine's staging copy: fetched from the bucket on a resume, emptied for a new run)."""
+    try:
+        location = parse_location(given or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+        holds_run = is_file(join(location, CONFIG_FILE))
+    except StorageError as err:
+        raise CliError(f"--run-dir: {err}") from None
+    if holds_run and not resuming:
+        raise CliError(f"run folder {location} already holds a run: continue it with --resume {location}, "
+                       "or choose another --run-dir")
+    if not is_uri(location):
+        run_dir = location.resolve()
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return run_dir, None
+    run_dir = mirror_folder(location)
+    try:
+        check_reachable(location, must_exist=False)
+        if resuming:
+            local_mirror(location, exclude=(TUNE_DIR, TRAIN_DIR))
+        else:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a stale copy of an earlier run under this URI
+    except StorageError as err:
+        raise CliError(f"--run-dir: {err}") from None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, location
 
 
 def storage_runtime_env() -> dict | None:

@@ -25,10 +25,13 @@ from ray.tune.stopper import Stopper
 from ray.util.placement_group import PlacementGroup
 from ray.util.state import list_actors, list_placement_groups
 
+import pyarrow.fs as pafs
+
+from anomaly_data.storage import StorageError, location_of
 from distributed.checkpoints import strip_trial
 from distributed.studies import STUDY_KEY
 from distributed.trial import METRIC, PLACEMENT_GROUP_KEY
-from ensembles.run_folder import PROGRESS_FILE
+from ensembles.run_folder import PROGRESS_FILE, sync_run
 
 
 def log(message: str) -> None:
@@ -317,23 +320,58 @@ class DropOptimizerState(Callback):
     """A trial that ended (finished, stopped by ASHA, failed) is never resumed: its checkpoints
     need no optimiser state."""
 
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
+    def __init__(self, storage: str | Path):
+        self.storage = storage  # the run folder, or the run's URI
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        strip_trial(getattr(trial, "path", None), self.run_dir, trial.trial_id)
+        strip_trial(trial_location(trial), self.storage, trial.trial_id)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        strip_trial(getattr(trial, "path", None), self.run_dir, trial.trial_id)
+        strip_trial(trial_location(trial), self.storage, trial.trial_id)
+
+
+def trial_location(trial) -> str | Path | None:
+    """A Tune trial's folder in the run's storage: a local path or a URI."""
+    path = getattr(trial, "path", None)
+    if not path:
+        return None
+    return location_of(getattr(trial.storage, "storage_filesystem", None) or pafs.LocalFileSystem(), path)
+
+
+class RunSync(Callback):
+    """Uploads the run's own files (progress, Optuna history) to its bucket now and then while
+    the search runs, so that a resume from another machine finds them."""
+
+    def __init__(self, run_dir: Path, run_uri: str, every_s: float = 60.0):
+        self.run_dir, self.run_uri, self.every_s = run_dir, run_uri, every_s
+        self.last = time.monotonic()
+
+    def on_step_end(self, iteration, trials, **info):
+        if time.monotonic() - self.last >= self.every_s:
+            self.sync()
+
+    def on_experiment_end(self, trials, **info):
+        self.sync()
+
+    def sync(self) -> None:
+        self.last = time.monotonic()
+        try:
+            sync_run(self.run_dir, self.run_uri)
+        except StorageError as err:  # the search goes on; the next sync tries again
+            log(f"could not upload the run's files to {self.run_uri}: {err}")
 
 
 def run_callbacks(ctx, todo: list, args) -> tuple[list[Callback], PlacementGroupWatch]:
-    """The progress view and the placement-group watch of one ``distributed.tune`` run."""
+    """The progress view, the placement-group watch and, for a run in a bucket, its uploads."""
     bundle = None
     if ctx.workers > 1:
         bundle = {"CPU": ctx.cpus_per_worker, **({"GPU": ctx.gpus_per_worker} if ctx.gpus_per_worker else {})}
     watch = PlacementGroupWatch(WatchSettings(
         stall_s=args.stall_timeout, orphan_grace_s=min(60.0, args.stall_timeout / 2), train_bundle=bundle,
-        train_workers=ctx.workers, slots=ctx.max_concurrent, resume_command=f"python -m distributed.tune --resume {ctx.run_dir}"))
+        train_workers=ctx.workers, slots=ctx.max_concurrent,
+        resume_command=f"python -m distributed.tune --resume {ctx.location}"))
     progress = StudyProgress({s.key: args.trials for s in todo}, ctx.run_dir, slots=ctx.max_concurrent)
-    return [progress, watch, DropOptimizerState(ctx.run_dir)], watch
+    callbacks = [progress, watch, DropOptimizerState(ctx.storage)]
+    if ctx.run_uri:
+        callbacks.append(RunSync(ctx.run_dir, ctx.run_uri))
+    return callbacks, watch

@@ -5,11 +5,12 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.fs as pafs
 
+from anomaly_data.storage import is_file, join, location_of, read_bytes, write_bytes
 from distributed.checkpoints import CHECKPOINT_MODEL, drop_trial_checkpoints
 from distributed.trial import METRIC, PLACEMENT_GROUP_KEY
 from ensembles.run_folder import BEST_INFO_FILE, TRIALS_FILE, best_dir, group_key, update_best_index
@@ -68,16 +69,18 @@ def best_reported(result) -> tuple[float, Path] | None:
     """
     if result is None or result.error is not None:
         return None
-    found: list[tuple[float, Path]] = []
+    found: list[tuple[float, str | Path]] = []
     df = result.metrics_dataframe
     if df is not None and METRIC in df and "checkpoint_path" in df:
-        found += [(float(v), Path(p)) for v, p in zip(df[METRIC], df["checkpoint_path"])
+        # Train's paths are in the run's storage, as Tune's are: the same file system
+        fs = getattr(result, "filesystem", None) or pafs.LocalFileSystem()
+        found += [(float(v), location_of(fs, p)) for v, p in zip(df[METRIC], df["checkpoint_path"])
                   if pd.notna(v) and isinstance(p, str)]
     for checkpoint, metrics in result.best_checkpoints or []:
         value = metrics.get(METRIC)
         if value is not None and pd.notna(value):
-            found.append((float(value), Path(checkpoint.path)))
-    found = [(v, p) for v, p in found if (p / CHECKPOINT_MODEL).is_file()]
+            found.append((float(value), location_of(checkpoint.filesystem, checkpoint.path)))
+    found = [(v, p) for v, p in found if is_file(join(p, CHECKPOINT_MODEL))]
     return max(found, key=lambda vp: vp[0]) if found else None
 
 
@@ -86,11 +89,10 @@ def export_best(result, run_dir: Path, model: str, classes: list[str], extra: di
     found = best_reported(result)
     if found is None:
         return None
-    source = found[1]
-    metrics = json.loads((source / "metrics.json").read_text())
+    source = found[1]  # a local folder, or one in the run's bucket
+    metrics = json.loads(read_bytes(join(source, "metrics.json")))
     target = best_dir(run_dir, model, classes)
-    target.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(source / CHECKPOINT_MODEL, target / CHECKPOINT_MODEL)
+    write_bytes(target / CHECKPOINT_MODEL, read_bytes(join(source, CHECKPOINT_MODEL)))
     info = {"model": model, "classes": list(classes), "metrics": metrics, "config": result.config,
             "source": str(source), "checkpoint": str(target / CHECKPOINT_MODEL), **(extra or {})}
     (target / BEST_INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
@@ -119,9 +121,11 @@ def best_result(results, default_point: dict | None = None):
     return best[1]
 
 
-def collect_best(grid, run_dir: Path, model: str, groups: dict[str, list[str]]) -> list[dict]:
+def collect_best(grid, run_dir: Path, model: str, groups: dict[str, list[str]],
+                 storage: str | Path | None = None) -> list[dict]:
     """For a grid over class groups (``groups``: study key -> classes): write the trial table and
-    export each group's checkpoint."""
+    export each group's checkpoint (``storage``: where the trials' checkpoints are, the run's
+    URI for a run in a bucket; default ``run_dir``)."""
     rows = trial_rows(grid, model)
     for row, result in zip(rows, grid):
         row["classes"] = group_key(groups[result.config["study"]])
@@ -132,7 +136,7 @@ def collect_best(grid, run_dir: Path, model: str, groups: dict[str, list[str]]) 
         if info is not None:
             infos.append(info)
     index = update_best_index(run_dir, infos)
-    drop_trial_checkpoints(grid, run_dir)  # best/ holds the one copy of each group's model
+    drop_trial_checkpoints(grid, storage or run_dir)  # best/ holds the one copy of each group's model
     return index
 
 

@@ -23,13 +23,14 @@ import sys
 
 from ray import tune
 
+from anomaly_data.storage import join
 from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, prepare_run,
                              start_ray, trial_placement, write_json)
 from distributed.results import collect_best, format_table
 from distributed.spec import SpecError, build_specs, spec_job
 from distributed.studies import Study
 from distributed.trial import METRIC, MODE, TrainJob, tune_trial
-from ensembles.run_folder import CONFIG_FILE, TRAIN_DIR, TUNE_DIR, group_key
+from ensembles.run_folder import CONFIG_FILE, TRAIN_DIR, TUNE_DIR, group_key, sync_run
 
 
 def spec_jobs(ctx: RunContext, specs: dict, skip_bad_images: bool) -> dict[str, TrainJob]:
@@ -47,15 +48,18 @@ def run_grid(ctx: RunContext, specs: dict, skip_bad_images: bool) -> str:
                                            "specs": {k: s.summary() for k, s in specs.items()},
                                            "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, bases=bases, storage=str(ctx.run_dir / TRAIN_DIR),
+        tune.with_parameters(tune_trial, bases=bases, storage=join(ctx.storage, TRAIN_DIR),
                              resources=ctx.resources()),
         functools.partial(trial_placement, ctx))
     tuner = tune.Tuner(trainable, param_space={"study": tune.grid_search(list(bases)), "model": model},
                        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, max_concurrent_trials=ctx.max_concurrent),
-                       run_config=tune.RunConfig(name="train", storage_path=str(ctx.run_dir / TUNE_DIR),
+                       run_config=tune.RunConfig(name="train", storage_path=join(ctx.storage, TUNE_DIR),
                                                  failure_config=tune.FailureConfig(max_failures=0)))
-    grid = tuner.fit()
-    best = collect_best(grid, ctx.run_dir, model, {k: list(b.classes) for k, b in bases.items()})
+    try:
+        grid = tuner.fit()
+        best = collect_best(grid, ctx.run_dir, model, {k: list(b.classes) for k, b in bases.items()}, ctx.storage)
+    finally:
+        sync_run(ctx.run_dir, ctx.run_uri)  # a run in a bucket: its own files go there too
     return format_table(best)
 
 

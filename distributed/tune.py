@@ -30,6 +30,7 @@ import pandas as pd
 from ray import tune
 
 from anomaly_data import DatasetError
+from anomaly_data.storage import StorageError, is_file, join, parse_location, read_bytes
 from distributed.checkpoints import drop_trial_checkpoints
 from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, prepare_run,
                              split_list, start_ray, trial_placement, write_json)
@@ -41,7 +42,7 @@ from distributed.train import spec_jobs
 from distributed.trial import METRIC, MODE, tune_trial
 from ensembles.build import build_and_evaluate
 from ensembles.ensemble import EnsembleError
-from ensembles.run_folder import (CONFIG_FILE, OPTUNA_FILE, STUDIES_FILE, TRAIN_DIR, TRIALS_FILE, TUNE_DIR,
+from ensembles.run_folder import (CONFIG_FILE, OPTUNA_FILE, STUDIES_FILE, TRAIN_DIR, TRIALS_FILE, TUNE_DIR, sync_run,
                                   group_key, read_best_index, update_best_index)
 from models import model_class, model_names
 
@@ -86,9 +87,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--time-budget", type=float, default=None, help="seconds for the whole search")
     g.add_argument("--study-scope", choices=("class", "unified"), default="class",
                    help="one study per (model, class), or one per model training on all classes")
-    g.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
-                   help="continue an interrupted run: finished studies and trials are kept; the run's "
-                        "recorded options are used (only --address may be given anew)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue an interrupted run (a folder, or the run's s3:// / gs:// URI, from any "
+                        "machine): finished studies and trials are kept; the run's recorded options are used "
+                        "(only --address may be given anew)")
     g.add_argument("--no-ensemble", action="store_true", help="stop after the search (no ensemble, no test)")
     g.add_argument("--stall-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="when no trial has started for this long while trials wait, look for orphaned "
@@ -109,15 +111,18 @@ def restore_args(argv) -> argparse.Namespace:
     args = parse_args(argv)
     if args.resume is None:
         return args
-    config = args.resume / CONFIG_FILE
-    if not config.is_file():
-        raise CliError(f"--resume {args.resume}: no config.json there (is it a run folder of distributed.tune?)")
-    recorded = json.loads(config.read_text()).get("args")
+    try:
+        config = join(parse_location(args.resume), CONFIG_FILE)
+        if not is_file(config):
+            raise CliError(f"--resume {args.resume}: no config.json there (is it a run folder of distributed.tune?)")
+        recorded = json.loads(read_bytes(config)).get("args")
+    except StorageError as err:
+        raise CliError(f"--resume: {err}") from None
     if recorded is None:
         raise CliError(f"--resume {args.resume}: this run folder was not made by distributed.tune")
     resumed = parse_args([])
     for key, value in recorded.items():
-        setattr(resumed, key, Path(value) if key == "run_dir" and value else value)
+        setattr(resumed, key, value)
     resumed.resume, resumed.run_dir = args.resume, args.resume
     if args.address is not None:
         resumed.address = args.address  # the cluster may have a new address after a restart
@@ -134,9 +139,9 @@ def run_search(ctx: RunContext, args, todo: list, specs: dict):
     """Every study as trials of one Tune run (restored when an interrupted one is found)."""
     bases = spec_jobs(ctx, {s.key: specs[s.key] for s in todo}, args.skip_bad_images)
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, bases=bases, storage=str(ctx.run_dir / TRAIN_DIR), resources=ctx.resources()),
+        tune.with_parameters(tune_trial, bases=bases, storage=join(ctx.storage, TRAIN_DIR), resources=ctx.resources()),
         functools.partial(trial_placement, ctx))
-    path = ctx.run_dir / TUNE_DIR / SEARCH_NAME
+    path = join(ctx.storage, TUNE_DIR, SEARCH_NAME)
     callbacks, stopper = run_callbacks(ctx, todo, args)
     if args.tune_verbose == 0:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's new console output prints a banner even when silent
@@ -163,7 +168,7 @@ def run_search(ctx: RunContext, args, todo: list, specs: dict):
                                         # a DDP trial's thread outlives a stop (Train runs on): no reuse
                                         reuse_actors=ctx.workers <= 1),
             run_config=tune.RunConfig(
-                name=SEARCH_NAME, storage_path=str(ctx.run_dir / TUNE_DIR), verbose=args.tune_verbose,
+                name=SEARCH_NAME, storage_path=join(ctx.storage, TUNE_DIR), verbose=args.tune_verbose,
                 callbacks=callbacks, stop=stopper, failure_config=tune.FailureConfig(max_failures=0),
                 # trials that train in their own process hand their checkpoints to Tune
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
@@ -206,7 +211,7 @@ def finish_studies(ctx: RunContext, todo: list, grid, specs: dict, done: dict) -
         info = export_best(best_result(mine, specs[study.key].first_point()),
                            ctx.run_dir, study.model, list(study.classes), {"study": study.key})
         update_best_index(ctx.run_dir, [info] if info else [])
-        drop_trial_checkpoints(mine, ctx.run_dir)  # best/ holds the one copy the study keeps
+        drop_trial_checkpoints(mine, ctx.storage)  # best/ holds the one copy the study keeps
         failed = sum(r["status"] == "error" for r in rows)
         if failed:
             print(f"[tune] {study.key}: {failed} of {len(rows)} trial(s) failed (see trials.csv, column error)",
@@ -267,14 +272,28 @@ def main(argv=None) -> int:
     except (CliError, SpecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        return run(ctx, args, studies, specs, t0)
+    finally:
+        try:
+            sync_run(ctx.run_dir, ctx.run_uri)  # whatever happened, the bucket gets what the run wrote
+        except StorageError as err:
+            print(f"error: the run's files in {ctx.run_dir} could not be uploaded to {ctx.run_uri}: {err}",
+                  file=sys.stderr, flush=True)
+
+
+def run(ctx: RunContext, args, studies: list[Study], specs: dict, t0: float) -> int:
+    """The search, the best checkpoints and the ensemble of a checked run; the exit code."""
     recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     recorded["root"] = str(ctx.root)  # resolved: a resume from another folder finds the data
     write_json(ctx.run_dir / CONFIG_FILE, {"command": "tune", "args": recorded, "dataset": ctx.dataset,
                                              "root": str(ctx.root), "classes": ctx.classes,
                                              "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent,
                                              "specs": {k: s.summary() for k, s in specs.items()}})
+    sync_run(ctx.run_dir, ctx.run_uri)  # before the search: a resume from another machine needs config.json
     print_specs(specs)
-    print(f"[tune] run folder {ctx.run_dir}; {len(ctx.classes)} class(es), models {models}, "
+    staged = f" (staged in {ctx.run_dir})" if ctx.run_uri else ""
+    print(f"[tune] run folder {ctx.location}{staged}; {len(ctx.classes)} class(es), models {ctx.models}, "
           f"{args.trials} trial(s) per study, up to {ctx.max_concurrent} at a time", flush=True)
     done = load_done(ctx.run_dir)
     todo = [s for s in studies if s.key not in done]
@@ -284,10 +303,11 @@ def main(argv=None) -> int:
             print(f"error: {stopper.failure}", file=sys.stderr, flush=True)
             return 1
         if interrupted:
-            print(f"[tune] interrupted; continue with python -m distributed.tune --resume {ctx.run_dir}",
+            print(f"[tune] interrupted; continue with python -m distributed.tune --resume {ctx.location}",
                   file=sys.stderr, flush=True)
             return 130
         finish_studies(ctx, todo, grid, specs, done)
+        sync_run(ctx.run_dir, ctx.run_uri)
     index = read_best_index(ctx.run_dir)
     index = [i for i in index if i["model"] in ctx.models and set(i["classes"]) <= set(ctx.classes)]
     print("\nBest validation scores (validation = held-out normals + synthetic defects):")
@@ -302,9 +322,8 @@ def main(argv=None) -> int:
         except (EnsembleError, DatasetError) as err:
             print(f"error: no ensemble: {err}", file=sys.stderr)
             return 1
-    print(f"[tune] finished in {time.time() - t0:.0f} s; results in {ctx.run_dir}", flush=True)
+    print(f"[tune] finished in {time.time() - t0:.0f} s; results in {ctx.location}", flush=True)
     return 0
-
 
 if __name__ == "__main__":
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")

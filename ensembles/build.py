@@ -15,7 +15,7 @@ from ensembles.fit import fit_class_fusion
 from ensembles.run_folder import ENSEMBLE_DIR, group_key
 from models import load_model
 
-FUSION_DEFECTS = 3  # defective copies per held-out normal in the set the fusion is fitted on
+FUSION_DEFECTS = 6  # defective copies per held-out normal in the set the fusion is fitted on
 
 
 def members_for_class(index: list[dict], class_name: str) -> dict[str, dict]:
@@ -82,8 +82,7 @@ def validation_table(ensemble: Ensemble) -> str:
     notes = []
     for name, fusion in ensemble.fusions.items():
         ens = fusion.validation[-1]
-        what = (f"{'+'.join(fusion.members_used)}: {fusion.rule}, blur {fusion.sigma:.3f}, image score "
-                f"{fusion.image_rule}, threshold {ens.get('threshold_rule', 'f1')}")
+        what = f"{fusion.choice.describe(fusion.members)}, threshold {ens.get('threshold_rule', 'f1')}"
         notes.append(f"{name}: {ens.get('reason', '')} -> {what}")
     return (text + "\n(per_kind: mean val_score over the defect kinds taken one at a time)\n" + "\n".join(notes))
 

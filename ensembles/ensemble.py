@@ -58,6 +58,19 @@ class FusionChoice:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def describe(self, members: list[str]) -> str:
+        """E.g. ``map haloae+patchcore (mean, blur 0.031), image score patchcore (member_mix)``."""
+        mapped = [m for m, w in zip(members, self.weights) if w > 0]
+        scored = mapped if self.image_rule == "map_max" else [m for m, w in zip(members, self.image_weights) if w > 0]
+        rule = f"{self.rule}, " if len(mapped) > 1 else ""
+        return (f"map {'+'.join(mapped)} ({rule}blur {self.sigma:.3f}), "
+                f"image score {'+'.join(scored)} ({self.image_rule})")
+
+    def members_used(self, members: list[str]) -> list[str]:
+        """Those of ``members`` that the map or the image score uses."""
+        image = self.image_weights if self.image_rule == "member_mix" else [0.0] * len(members)
+        return [m for m, w, v in zip(members, self.weights, image) if w > 0 or v > 0]
+
 
 @dataclass
 class ClassFusion:
@@ -91,7 +104,8 @@ class ClassFusion:
 
     @property
     def members_used(self) -> list[str]:
-        return [m for m, w in zip(self.members, self.weights) if w > 0]
+        """Members the map or the image score uses."""
+        return self.choice.members_used(self.members)
 
 
 def to_tensor_batch(images, side: int) -> torch.Tensor:

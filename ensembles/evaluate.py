@@ -148,8 +148,7 @@ def class_notes(ens: Ensemble, frame: pd.DataFrame) -> dict[str, list[str]]:
     for name, fusion in ens.fusions.items():
         part = frame[frame["class"] == name].set_index("member")
         kept = fusion.validation[-1]
-        out = [f"kept: {'+'.join(fusion.members_used)} ({fusion.rule}, blur {fusion.sigma:.3f}, "
-               f"image score {fusion.image_rule}); {kept.get('reason', '')}"]
+        out = [f"kept: {fusion.choice.describe(fusion.members)}; {kept.get('reason', '')}"]
         fitted = [m for m in fusion.members if not ens.member_trains(name, m)]
         everything = ABLATION_PREFIX + "+".join(fusion.members)
         if fitted and everything in part.index and len(fitted) < len(fusion.members):

@@ -5,20 +5,25 @@ choice that is only good on the kinds it was chosen on does not transfer, so eve
 is judged on a kind it was *not* chosen on:
 
 1. normalisers are fitted on validation normals only (no defect involved);
-2. the candidates are few: a subset of members, fused by ``mean``, ``max`` or ``rank_mean``
-   (no free weights), a blur from ``SIGMAS``, an image rule (``map_max`` of the fused map, or
-   ``member_mix``, the equal-weight mean of the used members' own normalised scores); the
-   procedures are "one member", "all members fused" and "any subset fused";
-3. leave-one-kind-out: for each defect kind, the candidate that is best on the *other* kinds is
+2. the map and the image score are chosen apart, each by its own metric (pixel AUROC for the
+   map, image AUROC for the score): a member that localises well need not rank images well,
+   and one joint choice made each half pay for the other;
+3. the candidates are few and have no free weights. A map is a subset of members fused by
+   ``mean``, ``max`` or ``rank_mean``, blurred by one of ``SIGMAS``. An image score is the
+   equal-weight mean of a subset of members' own normalised scores, or the maximum of the kept
+   map (``map_max``);
+4. leave-one-kind-out: for each defect kind, the candidate that is best on the *other* kinds is
    scored on the held-out kind; the mean of those held-out scores estimates how a selection
-   procedure does on defects it never saw;
-4. the better of the two fusion procedures is kept only when its held-out estimate beats the
-   single-member one (the robust default) by ``FUSION_MARGIN``; otherwise the ensemble is the
-   best member alone, and the report says so;
-5. the image threshold: the F1-optimal one is kept only when, chosen on the other kinds, it beats
+   procedure ("one member", "all members fused", "any subset fused") does on defects it never saw;
+5. for the map and for the image score alike, a fusion is kept only when its procedure's
+   held-out estimate beats the one-member procedure (the robust default) by ``FUSION_MARGIN``;
+   otherwise that half of the ensemble is the best member's, and the report says so;
+6. the image threshold: the F1-optimal one is kept only when, chosen on the other kinds, it beats
    the robust default (the highest validation-normal score) in held-out F1; otherwise the default.
 
-The candidate finally kept is the procedure's choice on all kinds together.
+The candidate finally kept is the procedure's choice on all kinds together. Ties (frequent when
+image AUROC saturates on a small validation set) go to the candidate whose members localise
+best on validation, then to fewer members.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from __future__ import annotations
 import functools
 import itertools
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -40,7 +45,7 @@ from ensembles.metrics import f1_threshold, image_auroc, pixel_auroc, validation
 
 SIGMAS = (0.0, 1 / 32)             # blur sigma as a fraction of the side
 FUSED_RULES = ("mean", "max", "rank_mean")
-FUSION_MARGIN = 0.005              # held-out val_score the fusion must gain over the best member
+FUSION_MARGIN = 0.005              # held-out AUROC a fusion must gain over the best member alone
 THRESHOLD_MARGIN = 0.02            # held-out F1 the F1-optimal threshold must gain over the default
 MAX_RANK_SAMPLES = 2_000_000
 ABLATION_PREFIX = "fused:"
@@ -77,21 +82,21 @@ def defect_groups(defects: list[str], labels: np.ndarray) -> list[np.ndarray]:
 
 @dataclass
 class Candidate:
-    choice: FusionChoice
-    used: list[str]
-    per_group: np.ndarray      # val_score on each defect group
-    image_auroc: float         # on the whole validation set
-    pixel_auroc: float
-    scores: np.ndarray         # image scores on the validation set
+    """One way to make a map (``rule``, ``sigma``) or an image score (``image_rule``) from members."""
 
-    @property
-    def val_score(self) -> float:
-        return validation_score(self.image_auroc, self.pixel_auroc)
+    used: list[str]
+    per_group: np.ndarray        # the metric on each defect group (pixel AUROC of a map, image AUROC of a score)
+    overall: float               # the metric on the whole validation set
+    tie: float = 0.0             # second key among equal candidates (higher is better)
+    rule: str = "mean"
+    sigma: float = 0.0
+    image_rule: str = "member_mix"
+    scores: np.ndarray = field(default=None, repr=False)   # image scores on the validation set
 
 
 def choose(candidates: list[Candidate], groups: list[int]) -> Candidate:
-    """The candidate with the best mean val_score over ``groups`` (ties: fewer members, listed first)."""
-    return max(candidates, key=lambda c: (round(float(c.per_group[groups].mean()), 12), -len(c.used)))
+    """The candidate with the best mean metric over ``groups`` (ties: ``tie``, then fewer members, listed first)."""
+    return max(candidates, key=lambda c: (round(float(c.per_group[groups].mean()), 12), round(c.tie, 12), -len(c.used)))
 
 
 def held_out_estimate(candidates: list[Candidate], n_groups: int) -> float:
@@ -100,8 +105,41 @@ def held_out_estimate(candidates: list[Candidate], n_groups: int) -> float:
     return float(np.mean([p.per_group[k] for k, p in enumerate(picks)]))
 
 
+@dataclass
+class Selection:
+    kept: Candidate
+    fused: bool                  # a fusion of members was kept (not the best member alone)
+    reason: str
+    held_single: float
+    held_fusion: float
+
+
+def select(candidates: list[Candidate], names: list[str], n_groups: int, what: str,
+           anchors: list[str]) -> Selection:
+    """The robust default (the best of the ``anchors`` alone: members fitted, not trained, when
+    there are any, else every member alone), unless another procedure beats it on held-out
+    kinds by ``FUSION_MARGIN``: one member alone, all members fused, or any subset fused."""
+    everyone = list(range(n_groups))
+    default = [c for c in candidates if len(c.used) == 1 and c.used[0] in anchors]
+    held_default = held_out_estimate(default, n_groups)
+    families = {"one member": [c for c in candidates if len(c.used) == 1],
+                "all members": [c for c in candidates if sorted(c.used) == sorted(names)],
+                "any subset of members": candidates}
+    held = {family: held_out_estimate(cs, n_groups) for family, cs in families.items() if cs}
+    order = list(families)  # ties: the simpler procedure
+    family = max(held, key=lambda f: (round(held[f], 12), -order.index(f)))
+    kept = choose(default, everyone)
+    reason = (f"{what}: {kept.used[0]} kept (the robust default), no other procedure beats its "
+              f"{held_default:.3f} on held-out defect kinds by {FUSION_MARGIN} (best: {family}, {held[family]:.3f})")
+    if held[family] >= held_default + FUSION_MARGIN:
+        kept = choose(families[family], everyone)
+        reason = (f"{what}: {family} ({'+'.join(kept.used)}) kept, held-out defect kinds {held[family]:.3f} "
+                  f"vs the robust default's {held_default:.3f}")
+    return Selection(kept, len(kept.used) > 1, reason, held_default, held[family])
+
+
 class CandidateScorer:
-    """Scores fusion candidates on the validation set, per defect group and in total."""
+    """Scores map and image-score candidates on the validation set, per defect group and in total."""
 
     def __init__(self, names, norm_maps, norm_scores, ranks, masks, labels, groups):
         self.names, self.norm_maps, self.norm_scores, self.ranks = names, norm_maps, norm_scores, ranks
@@ -114,22 +152,34 @@ class CandidateScorer:
             fuse_maps(maps, rule, ranks=[self.ranks[self.names[i]] for i in idx] if rule == "rank_mean" else None)
         return blur(fused, sigma)
 
-    def candidates(self, used: list[str], rule: str, sigma: float) -> list[Candidate]:
-        """Both image rules for one fused map."""
+    def weights(self, used: list[str]) -> list[float]:
+        return [1.0 / len(used) if m in used else 0.0 for m in self.names]
+
+    def map_candidate(self, used: list[str], rule: str, sigma: float) -> Candidate:
+        """A fused map, scored by pixel AUROC; its maximum per image is kept for ``map_max``."""
         fused = self.fused_map(used, rule, sigma)[:, 0]
-        weights = [1.0 / len(used) if m in used else 0.0 for m in self.names]
-        image_options = {"map_max": fused.flatten(1).amax(1).numpy(),
-                         "member_mix": torch.einsum("m,mb->b", torch.tensor(weights), self.norm_scores).numpy()}
-        pix_by_group = [_quiet(pixel_auroc, fused[torch.from_numpy(g)].numpy(), self.masks[g]) for g in self.groups]
-        pix_all = _quiet(pixel_auroc, fused.numpy(), self.masks)
-        out = []
-        for image_rule, s in image_options.items():
-            per_group = np.array([validation_score(_quiet(image_auroc, s[g], self.labels[g]), p)
-                                  for g, p in zip(self.groups, pix_by_group)])
-            choice = FusionChoice(rule=rule if len(used) > 1 else "mean", weights=weights, sigma=sigma,
-                                  image_rule=image_rule, image_weights=weights)
-            out.append(Candidate(choice, list(used), per_group, _quiet(image_auroc, s, self.labels), pix_all, s))
-        return out
+        per_group = np.array([_quiet(pixel_auroc, fused[torch.from_numpy(g)].numpy(), self.masks[g])
+                              for g in self.groups])
+        return Candidate(list(used), per_group, _quiet(pixel_auroc, fused.numpy(), self.masks),
+                         rule=rule if len(used) > 1 else "mean", sigma=sigma, image_rule="map_max",
+                         scores=fused.flatten(1).amax(1).numpy())
+
+    def image_candidate(self, used: list[str], scores: np.ndarray, image_rule: str, tie: float) -> Candidate:
+        per_group = np.array([_quiet(image_auroc, scores[g], self.labels[g]) for g in self.groups])
+        return Candidate(list(used), per_group, _quiet(image_auroc, scores, self.labels), tie=tie,
+                         image_rule=image_rule, scores=scores)
+
+    def member_mix(self, used: list[str], tie: float) -> Candidate:
+        """The equal-weight mean of ``used``'s own normalised image scores."""
+        scores = torch.einsum("m,mb->b", torch.tensor(self.weights(used)), self.norm_scores).numpy()
+        return self.image_candidate(used, scores, "member_mix", tie)
+
+    def map_max(self, kept_map: Candidate, tie: float) -> Candidate:
+        return self.image_candidate(kept_map.used, kept_map.scores, "map_max", tie)
+
+    def choice(self, kept_map: Candidate, image: Candidate) -> FusionChoice:
+        return FusionChoice(rule=kept_map.rule, weights=self.weights(kept_map.used), sigma=kept_map.sigma,
+                            image_rule=image.image_rule, image_weights=self.weights(image.used))
 
 
 def member_subsets(names: list[str]) -> list[list[str]]:
@@ -167,9 +217,9 @@ def choose_threshold(scores: np.ndarray, labels: np.ndarray, groups: list[np.nda
 
 def fit_class_fusion(class_name: str, models: dict[str, Any], member_files: dict[str, str], validation,
                      resolution: int, device="cpu", seed_members: list[str] | None = None) -> ClassFusion:
-    """Normalisers on validation normals, then the fusion chosen by held-out defect kinds (see the
-    module's docstring). ``seed_members`` names the members whose fusion is reported as an
-    ablation beside the all-member one (default: none)."""
+    """Normalisers on validation normals, then the map and the image score chosen by held-out
+    defect kinds (see the module's docstring). ``seed_members`` names the members whose fusion is
+    reported as an ablation beside the all-member one (default: none)."""
     names = list(models)
     outputs = score_dataset(models, validation, resolution, device)
     labels = np.asarray(validation.labels)
@@ -194,54 +244,65 @@ def fit_class_fusion(class_name: str, models: dict[str, Any], member_files: dict
         ranks[m] = RankTable.fit(flat)
 
     groups = defect_groups(list(validation.defects), labels)
+    n_groups, everyone = len(groups), list(range(len(groups)))
     scorer = CandidateScorer(names, norm_maps, norm_scores, ranks, masks_np, labels, groups)
-    by_members: dict[tuple[str, ...], list[Candidate]] = {}
-    for used in member_subsets(names):
-        for rule in (FUSED_RULES if len(used) > 1 else ("mean",)):
-            for sigma in SIGMAS:
-                by_members.setdefault(tuple(used), []).extend(scorer.candidates(used, rule, sigma))
-    everything = [c for cs in by_members.values() for c in cs]
-    singles = [c for c in everything if len(c.used) == 1]
-    all_groups = list(range(len(groups)))
+    maps_of: dict[tuple[str, ...], list[Candidate]] = {
+        tuple(used): [scorer.map_candidate(used, rule, sigma)
+                      for rule in (FUSED_RULES if len(used) > 1 else ("mean",)) for sigma in SIGMAS]
+        for used in member_subsets(names)}
+    all_maps = [c for cs in maps_of.values() for c in cs]
+    localises = {m: choose(maps_of[(m,)], everyone).overall for m in names}  # tie-break for image scores
 
-    held_single = held_out_estimate(singles, len(groups))
-    # two fusion procedures: all members fused (3 rules x blurs x image rules), or any subset too
-    fusion_families = {"all members": by_members[tuple(names)], "any subset of members": everything}
-    held = {family: held_out_estimate(cs, len(groups)) for family, cs in fusion_families.items()}
-    family = max(held, key=lambda f: held[f] + (1e-9 if f == "all members" else 0))  # ties: the simpler
-    held_fusion = held[family]
-    best_single = choose(singles, all_groups)
-    if held_fusion >= held_single + FUSION_MARGIN and len(names) > 1:
-        kept, reason = choose(fusion_families[family], all_groups), (
-            f"fusion kept ({family}): held-out defect kinds {held_fusion:.3f} vs best member alone {held_single:.3f}")
-    else:
-        kept, reason = best_single, (
-            f"best member alone kept: fusion on held-out defect kinds {held_fusion:.3f} does not beat "
-            f"the best member's {held_single:.3f} by {FUSION_MARGIN}")
-    threshold, threshold_rule = choose_threshold(kept.scores, labels, groups)
+    def image_options(used: list[str], kept_map: Candidate) -> list[Candidate]:
+        """The mix of ``used``'s own scores, and the maximum of the kept map when it is made of them."""
+        tie = float(np.mean([localises[m] for m in used]))
+        mixes = [scorer.member_mix(used, tie)]
+        return mixes + ([scorer.map_max(kept_map, tie)] if sorted(kept_map.used) == sorted(used) else [])
 
-    def row(name: str, c: Candidate, **extra) -> dict[str, Any]:
-        return {"name": name, "image_auroc": c.image_auroc, "pixel_auroc": c.pixel_auroc, "val_score": c.val_score,
-                "held_out": float(c.per_group.mean()), **extra}
+    # the robust default: a member without training (the memory bank) has nothing that could have
+    # fitted the validation defects' look; measured, the trained members' validation ranks did
+    # not carry over to other defects (python -m bench.peers on the surfaces family)
+    anchors = [m for m in names if not models[m].trains] or names
+    map_pick = select(all_maps, names, n_groups, "map", anchors)
+    image_candidates = [c for used in member_subsets(names) for c in image_options(used, map_pick.kept)]
+    image_pick = select(image_candidates, names, n_groups, "image score", anchors)
+    kept_map, kept_image = map_pick.kept, image_pick.kept
+    threshold, threshold_rule = choose_threshold(kept_image.scores, labels, groups)
 
-    report = [row(m, choose(by_members[(m,)], all_groups)) for m in names]
+    def row(name: str, map_c: Candidate, image_c: Candidate, **extra) -> dict[str, Any]:
+        per_group = (map_c.per_group + image_c.per_group) / 2
+        return {"name": name, "image_auroc": image_c.overall, "pixel_auroc": map_c.overall,
+                "val_score": validation_score(image_c.overall, map_c.overall), "held_out": float(per_group.mean()),
+                "map_members": map_c.used, "image_members": image_c.used, "image_rule": image_c.image_rule}
+
+    def best_of(used: list[str]) -> tuple[Candidate, Candidate]:
+        """A subset's own map and image score: its best map, then its best image option."""
+        best_map = choose(maps_of[tuple(used)], everyone)
+        return best_map, choose(image_options(used, best_map), everyone)
+
+    report = [row(m, *best_of([m])) for m in names]
     ablations = {}
     for label, used in ablation_sets(names, seed_members or []).items():
-        pick = choose([c for c in by_members[tuple(used)]], all_groups)
-        ablations[label] = pick.choice
-        report.append(row(label, pick))
+        map_c, image_c = best_of(used)
+        ablations[label] = scorer.choice(map_c, image_c)
+        report.append(row(label, map_c, image_c))
     best_member = max(report[:len(names)], key=lambda r: r["held_out"])
-    report.append(row("ensemble", kept, members_used=kept.used, best_member=best_member["name"],
-                      beats_best_member=len(kept.used) > 1, reason=reason, held_out_fusion=held_fusion,
-                      held_out_single=held_single, threshold_rule=threshold_rule))
+    used = sorted(set(kept_map.used) | set(kept_image.used), key=names.index)
+    report.append({**row("ensemble", kept_map, kept_image), "members_used": used, "best_member": best_member["name"],
+                   "beats_best_member": map_pick.fused or image_pick.fused,
+                   "reason": f"{map_pick.reason}; {image_pick.reason}",
+                   "held_out_fusion": [map_pick.held_fusion, image_pick.held_fusion],
+                   "held_out_single": [map_pick.held_single, image_pick.held_single],
+                   "threshold_rule": threshold_rule})
 
-    final_map = scorer.fused_map(kept.used, kept.choice.rule, kept.choice.sigma)[:, 0].numpy()
+    choice = scorer.choice(kept_map, kept_image)
+    final_map = scorer.fused_map(kept_map.used, kept_map.rule, kept_map.sigma)[:, 0].numpy()
     map_range = [float(np.median(final_map[normal])), float(final_map[masks_np.astype(bool)].max())]
     return ClassFusion(
         class_name=class_name, members=names, member_files=member_files,
         weights_used={m: models[m].weights_used for m in names}, resolution=resolution,
         pixel_norm={m: pixel_norm[m].to_dict() for m in names}, image_norm={m: image_norm[m].to_dict() for m in names},
-        ranks={m: ranks[m].quantiles for m in names}, rule=kept.choice.rule, weights=kept.choice.weights,
-        sigma=kept.choice.sigma, image_rule=kept.choice.image_rule, image_weights=kept.choice.image_weights,
+        ranks={m: ranks[m].quantiles for m in names}, rule=choice.rule, weights=choice.weights,
+        sigma=choice.sigma, image_rule=choice.image_rule, image_weights=choice.image_weights,
         threshold=threshold, map_range=map_range, validation=report,
         ablations={k: v.to_dict() for k, v in ablations.items()})

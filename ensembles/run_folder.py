@@ -24,6 +24,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from anomaly_data.storage import is_uri, join, upload_folder
+from ensembles.ensemble import CONFIG_FILE as ENSEMBLE_FILE
+
 CLASS_SEPARATOR = "+"
 CONFIG_FILE = "config.json"
 TRIALS_FILE = "trials.csv"
@@ -49,15 +52,23 @@ def best_dir(run_dir: Path, model: str, classes) -> Path:
     return Path(run_dir) / BEST_DIR / model / group_key(classes)
 
 
-def train_run_dir(run_dir: Path, trial_id: str) -> Path:
-    """``RUN/train/train-<trial id>/``: where Ray Train keeps a DDP trial's checkpoints."""
-    return Path(run_dir) / TRAIN_DIR / f"{TRAIN_RUN_PREFIX}{trial_id}"
+def train_run_dir(run_dir: str | Path, trial_id: str) -> str | Path:
+    """``RUN/train/train-<trial id>/``: where Ray Train keeps a DDP trial's checkpoints (``run_dir``
+    may be the run's URI)."""
+    return join(run_dir if isinstance(run_dir, str) and is_uri(run_dir) else Path(run_dir),
+                TRAIN_DIR, f"{TRAIN_RUN_PREFIX}{trial_id}")
 
 
 def read_best_index(run_dir: Path) -> list[dict]:
-    """The entries of ``RUN/best.json`` (none when the run has no best checkpoint yet)."""
+    """The entries of ``RUN/best.json`` (none when the run has no best checkpoint yet), each
+    ``checkpoint`` in ``run_dir``'s own ``best/``: a run folder may have been moved, or fetched
+    from a bucket onto another machine."""
     path = Path(run_dir) / BEST_INDEX_FILE
-    return json.loads(path.read_text()) if path.exists() else []
+    index = json.loads(path.read_text()) if path.exists() else []
+    for info in index:
+        if "checkpoint" in info:
+            info["checkpoint"] = str(best_dir(run_dir, info["model"], info["classes"]) / Path(info["checkpoint"]).name)
+    return index
 
 
 def update_best_index(run_dir: Path, infos: list[dict]) -> list[dict]:
@@ -68,3 +79,16 @@ def update_best_index(run_dir: Path, infos: list[dict]) -> list[dict]:
     index = [i for i in index if (i["model"], group_key(i["classes"])) not in keys] + infos
     path.write_text(json.dumps(index, indent=2, default=str) + "\n")
     return index
+
+
+# index files go last: whoever sees them finds the files they name
+POINTER_FILES = (BEST_INDEX_FILE, STUDIES_FILE, f"{ENSEMBLE_DIR}/{ENSEMBLE_FILE}")
+
+
+def sync_run(run_dir: Path, run_uri: str | None) -> int:
+    """For a run in a bucket: upload its own files that changed since the last sync, each in one
+    PUT, the index files last (Tune and Train write theirs to the bucket themselves). Nothing to
+    do for a local run. Returns how many files were put."""
+    if run_uri is None:
+        return 0
+    return upload_folder(Path(run_dir), run_uri, exclude=(TUNE_DIR, TRAIN_DIR), last=POINTER_FILES)

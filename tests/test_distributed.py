@@ -270,16 +270,23 @@ def test_help_documents_every_option():
         assert option in out.stdout, option
 
 
-def test_cluster_yaml_passes_ray_validation():
+@pytest.mark.parametrize("name", ["cluster.yaml", "cluster-efs.yaml"])
+def test_cluster_yaml_passes_ray_validation(name):
     from ray.autoscaler._private.util import prepare_config, validate_config
 
-    raw = yaml.safe_load((REPO / "cluster.yaml").read_text())
+    raw = yaml.safe_load((REPO / name).read_text())
     config = prepare_config(raw)
     validate_config(config)
     types = config["available_node_types"]
     gpus = sorted(t["resources"].get("GPU", 0) for t in types.values())
     assert gpus[0] == 0 and 1 in gpus and gpus[-1] > 1          # CPU head, 1-GPU and multi-GPU workers
     assert any("ray[default,tune,train]==2.60" in c for c in config["setup_commands"])
+    mounts = any("mount" in c for c in config["setup_commands"])
+    if name == "cluster.yaml":  # the bucket variant: no shared file system, an instance profile on every node
+        assert not mounts and all("IamInstanceProfile" in t["node_config"] for t in types.values())
+        assert "--run-dir s3://" in (REPO / name).read_text()
+    else:
+        assert mounts
 
 
 class RecordingSession:

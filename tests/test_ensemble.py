@@ -83,6 +83,58 @@ def test_weighted_fusion_keeps_the_perfect_member():
     assert fusion.validation[-1]["beats_best_member"] is False
 
 
+class Scorer(Probe):
+    """Ranks images perfectly (its score sees the defect) but its map is noise."""
+
+    def score(self, x):
+        defect = (x[:, 0] - x[:, 1] > 0.2).flatten(1).any(1).float()
+        return defect + 0.1 * torch.rand(len(x), generator=torch.Generator().manual_seed(int(x.sum()) % 997)), \
+            Probe.map_of(self.__class__(ProbeConfig("noise")), x)
+
+
+class Localiser(Probe):
+    """Localises the defect (the perfect map, but for one hot pixel in every other image, which
+    decides the map's maximum) and its own image score is noise."""
+
+    def score(self, x):
+        maps = self.map_of(x).clone()
+        maps[::2, :, 0, 0] = 1.0
+        return torch.rand(len(x), generator=torch.Generator().manual_seed(int(x.sum()) % 991)), maps
+
+
+class Fitted(Probe):
+    """A member that is fitted, not trained (the robust default of the fusion)."""
+
+    trains = False
+
+
+def test_the_map_and_the_image_score_are_chosen_apart():
+    val = constructed_set(n=24, seed=3)
+    val.defects = ["good"] * 12 + ["kind_a", "kind_b"] * 6
+    models = {"localiser": Localiser(ProbeConfig("perfect")), "scorer": Scorer(ProbeConfig("noise"))}
+    fusion = fit_class_fusion("c", models, {"localiser": "a.pt", "scorer": "b.pt"}, val, 32)
+    choice = fusion.choice
+    assert choice.weights == [1.0, 0.0] and choice.image_rule == "member_mix" and choice.image_weights == [0.0, 1.0]
+    assert fusion.members_used == ["localiser", "scorer"]
+    assert "map localiser" in choice.describe(fusion.members) and "image score scorer" in choice.describe(fusion.members)
+
+
+def test_the_fitted_member_is_the_default_that_others_must_beat_by_a_margin():
+    val = constructed_set(n=24, seed=4)
+    val.defects = ["good"] * 12 + ["kind_a", "kind_b"] * 6
+    # equally good members: the fitted one stays, whatever the order
+    for order in (("trained", "fitted"), ("fitted", "trained")):
+        members = {"trained": Probe(ProbeConfig("perfect")), "fitted": Fitted(ProbeConfig("perfect", scale=2.0))}
+        models = {name: members[name] for name in order}
+        fusion = fit_class_fusion("c", models, {m: f"{m}.pt" for m in models}, val, 32)
+        assert fusion.members_used == ["fitted"], fusion.validation[-1]["reason"]
+        assert "robust default" in fusion.validation[-1]["reason"]
+    # a fitted member that sees nothing is replaced by the one that sees the defects
+    models = {"trained": Probe(ProbeConfig("perfect")), "fitted": Fitted(ProbeConfig("noise"))}
+    fusion = fit_class_fusion("c", models, {m: f"{m}.pt" for m in models}, val, 32)
+    assert fusion.choice.weights[0] > 0 and "one member (trained) kept" in fusion.validation[-1]["reason"]
+
+
 def test_normalisation_makes_scale_irrelevant():
     val = constructed_set(seed=2)
     a = {"p": Probe(ProbeConfig("perfect")), "n": Probe(ProbeConfig("noise"))}

@@ -30,3 +30,12 @@ def test_run_folder_needs_neither_ray_nor_distributed():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1])
     assert out.stdout.strip() == "[]"
+
+
+def test_a_moved_run_folder_reads_its_own_best_checkpoints(tmp_path):
+    old, new = tmp_path / "machine_a" / "run", tmp_path / "machine_b" / "run"
+    old.mkdir(parents=True)
+    update_best_index(old, [{"model": "m", "classes": ["a"], "checkpoint": str(best_dir(old, "m", ["a"]) / "model.pt")}])
+    new.parent.mkdir()
+    old.rename(new)
+    assert read_best_index(new)[0]["checkpoint"] == str(best_dir(new, "m", ["a"]) / "model.pt")

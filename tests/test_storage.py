@@ -1,8 +1,10 @@
 """Datasets and ensembles in object storage, against a real S3-protocol server (moto) on loopback."""
 
+import io
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -11,6 +13,7 @@ import time
 from pathlib import Path
 
 import boto3
+import pandas as pd
 import pyarrow.fs as pafs
 import pytest
 
@@ -18,6 +21,7 @@ from anomaly_data import storage
 from anomaly_data.storage import StorageError, check_reachable, local_mirror, parse_location
 
 BUCKET = "anomaly-data"
+ACCESS_KEY, SECRET_KEY = "AKIAMOTOTESTKEY00001", "moto-secret-never-stored"  # searched for in every stored object
 
 
 def free_port() -> int:
@@ -52,7 +56,7 @@ def s3(tmp_path_factory):
     proc, url = start_moto()
     saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                                             "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing",
+    os.environ.update(AWS_ENDPOINT_URL=url, AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY,
                       AWS_DEFAULT_REGION="us-east-1")
     storage._filesystem.cache_clear()
     client = boto3.client("s3", endpoint_url=url)
@@ -98,6 +102,16 @@ def test_an_ensemble_uri_must_name_a_folder():
 def test_gs_goes_through_the_same_file_system_choice():
     fs, path = storage.store(parse_location("gs://some-bucket/runs/a"))
     assert isinstance(fs, pafs.GcsFileSystem) and path == "some-bucket/runs/a"
+
+
+def test_ray_checkpoint_paths_become_locations_of_their_own_store():
+    gcs, _ = storage.store(parse_location("gs://some-bucket/runs/a"))
+    assert storage.location_of(gcs, "some-bucket/runs/a/tune/t/checkpoint_000001") == \
+        "gs://some-bucket/runs/a/tune/t/checkpoint_000001"
+    s3fs = pafs.S3FileSystem(region="us-east-1", anonymous=True)
+    assert storage.location_of(s3fs, "b1/runs/a") == "s3://b1/runs/a"
+    assert storage.location_of(pafs.LocalFileSystem(), "/tmp/run/tune") == Path("/tmp/run/tune")
+    assert storage.join("gs://some-bucket/runs/a", "train", "train-x") == "gs://some-bucket/runs/a/train/train-x"
 
 
 def test_a_mirror_downloads_once_refetches_a_changed_object_and_never_keeps_a_partial_one(s3, tmp_path, monkeypatch):
@@ -170,32 +184,126 @@ def test_wrong_credentials_are_a_clear_error_that_shows_no_secret(tmp_path):
     assert "Started a local Ray instance" not in text and not (tmp_path / "run" / "config.json").exists()
 
 
-def test_a_search_reads_its_data_from_the_bucket_and_its_ensemble_answers_from_the_bucket(s3, tmp_path, synthetic_root):
-    upload_tree(s3, synthetic_root, "data")
-    run = tmp_path / "run"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    missing = subprocess.run([sys.executable, "-m", "distributed.tune", "--dataset", "mvtec", "--root",
-                              "s3://no-such-bucket/data", "--run-dir", str(tmp_path / "nope")],
-                             env=env, capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2 and "does not exist" in missing.stderr + missing.stdout
-    out = subprocess.run([sys.executable, "-m", "distributed.tune", "--dataset", "mvtec", "--root",
-                          f"s3://{BUCKET}/data", "--classes", "brick", "--models", "patchcore,hvq_trans",
-                          "--trials", "1", "--epochs", "1", "--image-size", "64", "--run-dir", str(run)],
-                         env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert f"[data] s3://{BUCKET}/data (local copy" in out.stdout
-    assert json.loads((run / "config.json").read_text())["args"]["root"] == f"s3://{BUCKET}/data"
-    assert (run / "results.csv").is_file() and (run / "ensemble" / "ensemble.json").is_file()
+def keys_under(client, prefix: str) -> dict[str, int]:
+    """``{key relative to prefix: size}`` of every object under ``prefix``."""
+    found = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix + "/"):
+        found.update({o["Key"][len(prefix) + 1:]: o["Size"] for o in page.get("Contents", [])})
+    return found
 
-    # the run folder copied to the bucket: a query straight from the bucket's ensemble
-    shutil.rmtree(run / "tune", ignore_errors=True)
-    upload_tree(s3, run, "runs/r1")
+
+def tune_cli(*args, timeout=900, **popen):
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    command = [sys.executable, "-m", "distributed.tune", *args]
+    if popen:
+        return subprocess.Popen(command, env=env, **popen)
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_a_search_in_a_bucket_reads_its_data_writes_its_run_and_answers_from_there(s3, tmp_path, synthetic_root):
+    upload_tree(s3, synthetic_root, "data")
+    missing = tune_cli("--dataset", "mvtec", "--root", "s3://no-such-bucket/data", "--run-dir", str(tmp_path / "nope"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr + missing.stdout
+    run = f"s3://{BUCKET}/runs/r1"
+    out = tune_cli("--dataset", "mvtec", "--root", f"s3://{BUCKET}/data", "--classes", "brick",
+                   "--models", "patchcore,hvq_trans", "--trials", "1", "--epochs", "1", "--image-size", "64",
+                   "--run-dir", run)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert f"[data] s3://{BUCKET}/data (local copy" in out.stdout and f"results in {run}" in out.stdout
+
+    keys = keys_under(s3, "runs/r1")
+    for key in ("config.json", "trials.csv", "studies.json", "best.json", "optuna.journal", "progress.json",
+                "best/patchcore/brick/model.pt", "best/hvq_trans/brick/model.pt", "best/hvq_trans/brick/best.json",
+                "ensemble/ensemble.json", "results.csv", "results.md"):
+        assert key in keys, (key, sorted(keys))
+    assert any(k.startswith("overlays/brick/") for k in keys)
+    assert any(k.startswith("tune/search/") for k in keys)                 # Tune's own state, written by Ray
+    assert not [k for k in keys if "/checkpoint_" in k]                     # trial checkpoints dropped after export
+    config = json.loads(s3.get_object(Bucket=BUCKET, Key="runs/r1/config.json")["Body"].read())
+    assert config["args"]["root"] == f"s3://{BUCKET}/data" and config["args"]["run_dir"] == run
+    for key in keys:                                                        # no secret in any stored object
+        body = s3.get_object(Bucket=BUCKET, Key=f"runs/r1/{key}")["Body"].read()
+        assert SECRET_KEY.encode() not in body and ACCESS_KEY.encode() not in body, key
+
+    again = tune_cli("--dataset", "mvtec", "--root", f"s3://{BUCKET}/data", "--run-dir", run)
+    assert again.returncode == 2 and f"continue it with --resume {run}" in again.stderr
+
+    # a query straight from the bucket's ensemble, on a machine that never saw the run
+    shutil.rmtree(storage.mirror_folder(run))
     image = next((synthetic_root / "brick" / "test").rglob("*.png"))
-    local = subprocess.run([sys.executable, "-m", "ensembles.query", "--ensemble", str(run / "ensemble"),
-                            "--out", str(tmp_path / "maps-local"), str(image)],
-                           env=env, capture_output=True, text=True, timeout=300)
-    remote = subprocess.run([sys.executable, "-m", "ensembles.query", "--ensemble", f"s3://{BUCKET}/runs/r1/ensemble",
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    remote = subprocess.run([sys.executable, "-m", "ensembles.query", "--ensemble", f"{run}/ensemble",
                              "--out", str(tmp_path / "maps-remote"), str(image)],
                             env=env, capture_output=True, text=True, timeout=300)
-    assert local.returncode == 0 and remote.returncode == 0, remote.stderr[-2000:]
-    assert json.loads(remote.stdout)["score"] == json.loads(local.stdout)["score"]
+    assert remote.returncode == 0, remote.stderr[-2000:]
+    local = subprocess.run([sys.executable, "-m", "ensembles.query", "--ensemble",
+                            str(storage.mirror_folder(run) / "ensemble"), "--out", str(tmp_path / "maps-local"),
+                            str(image)], env=env, capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0 and json.loads(remote.stdout)["score"] == json.loads(local.stdout)["score"]
+
+
+def test_a_run_in_a_bucket_resumes_from_the_bucket_on_another_machine(s3, tmp_path, synthetic_root):
+    upload_tree(s3, synthetic_root / "pill", "data2/pill")
+    run = f"s3://{BUCKET}/runs/r2"
+    proc = tune_cli("--dataset", "mvtec", "--root", f"s3://{BUCKET}/data2", "--classes", "pill", "--models",
+                    "hvq_trans", "--trials", "3", "--epochs", "4", "--max-concurrent", "1", "--no-ensemble",
+                    "--image-size", "64", "--run-dir", run, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                    start_new_session=True)
+    deadline, finished = time.time() + 300, None
+    while time.time() < deadline and finished is None:   # the first trial's final result, in the bucket
+        for key in keys_under(s3, "runs/r2"):
+            if key.endswith("result.json") and b'"done": true' in s3.get_object(
+                    Bucket=BUCKET, Key=f"runs/r2/{key}")["Body"].read():
+                finished = key
+        time.sleep(1)
+    assert finished is not None, "no trial finished in time"
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) != 0
+    assert "trials.csv" not in keys_under(s3, "runs/r2") and "config.json" in keys_under(s3, "runs/r2")
+
+    shutil.rmtree(storage.mirror_folder(run))   # another machine: nothing of the run on this disk
+    out = tune_cli("--resume", run)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    trials = pd.read_csv(io.BytesIO(s3.get_object(Bucket=BUCKET, Key="runs/r2/trials.csv")["Body"].read()))
+    assert len(trials) == 3 and (trials["status"] == "ok").all()
+    assert "best/hvq_trans/pill/model.pt" in keys_under(s3, "runs/r2")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--run-dir", "s3://no-such-bucket/runs/x", "the bucket 'no-such-bucket' does not exist"),
+    ("--run-dir", "ftp://host/runs/x", "unknown scheme 'ftp://'"),
+    ("--resume", f"s3://{BUCKET}/runs/never-made", "no config.json there")])
+def test_a_bad_run_uri_is_refused_before_ray_starts(s3, synthetic_root, option, value, message):
+    out = tune_cli("--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "brick", option, value,
+                   timeout=300)
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert "Started a local Ray instance" not in out.stdout + out.stderr
+
+
+def test_run_files_are_uploaded_once_each_and_the_index_files_last(s3, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    for name in ("best.json", "config.json", "best/m/a/model.pt", "ensemble/ensemble.json", "ensemble/x.txt",
+                 "tune/search/state.json", ".uploaded.json.tmp"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(name)
+    put = []
+    real = storage.store
+
+    class Spy:
+        def __init__(self, fs):
+            self.fs = fs
+
+        def open_output_stream(self, path):
+            put.append(path.split("/runs/up/", 1)[1])
+            return self.fs.open_output_stream(path)
+
+    monkeypatch.setattr(storage, "store", lambda uri: (Spy(real(uri)[0]), real(uri)[1]))
+    uri = f"s3://{BUCKET}/runs/up"
+    assert storage.upload_folder(run, uri, exclude=("tune",), last=("best.json", "ensemble/ensemble.json")) == 5
+    assert put[-2:] == ["best.json", "ensemble/ensemble.json"]
+    assert sorted(put) == ["best.json", "best/m/a/model.pt", "config.json", "ensemble/ensemble.json", "ensemble/x.txt"]
+    put.clear()
+    assert storage.upload_folder(run, uri, exclude=("tune",)) == 0 and put == []   # nothing changed
+    (run / "config.json").write_text("changed")
+    assert storage.upload_folder(run, uri, exclude=("tune",)) == 1 and put == ["config.json"]
+    assert keys_under(s3, "runs/up")["config.json"] == len("changed")
