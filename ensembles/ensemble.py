@@ -257,10 +257,12 @@ class Ensemble:
         return scores, fused
 
     def predict(self, images, class_name: str | None = None) -> dict[str, Any]:
-        """Scores, fused maps ``[B,1,R,R]``, decisions at the validation threshold, member outputs."""
+        """Scores, fused maps ``[B,1,R,R]``, decisions at the validation threshold, member outputs
+        (raw) and member image scores normalised as the fusion sees them (``member_scores``)."""
         fusion = self.fusion_for(class_name)
         outputs = self.member_outputs(images, fusion.class_name)
         scores, maps = self.fuse(fusion, outputs)
         return {"scores": scores.cpu(), "maps": maps.cpu(), "anomalous": (scores >= fusion.threshold).cpu(),
                 "threshold": fusion.threshold, "class_name": fusion.class_name,
-                "members": {m: (s.cpu(), mp.cpu()) for m, (s, mp) in outputs.items()}}
+                "members": {m: (s.cpu(), mp.cpu()) for m, (s, mp) in outputs.items()},
+                "member_scores": {m: QuantileNormalizer(**fusion.image_norm[m])(s).cpu() for m, (s, _) in outputs.items()}}

@@ -3,7 +3,8 @@
     python -m ensembles.query --ensemble RUN/ensemble [--class washer] [--out maps/] IMAGE_OR_DIR...
 
 Prints one JSON line per image: ``path``, ``class``, ``score``, ``anomalous`` (score >= the
-threshold chosen on the validation set), ``threshold`` and ``map`` (the written PNG: the fused
+threshold chosen on the validation set), ``threshold``, ``members`` (each member's image score,
+normalised as the fusion sees it) and ``map`` (the written PNG: the fused
 map at the image's own size, 8-bit, 0 = the median validation-normal pixel, 255 = the strongest
 defect pixel seen on the validation set). An unreadable file gets a line with ``error`` and the
 rest are still scored; the exit code is 1 when any file failed.
@@ -56,6 +57,14 @@ def unique_name(name: Path, taken: set[Path]) -> Path:
     return candidate
 
 
+def result_row(result: dict, i: int) -> dict:
+    """The answer for image ``i`` of ``Ensemble.predict``'s ``result``: class, score, decision,
+    threshold and each member's normalised image score (the query CLI and the server share it)."""
+    return {"class": result["class_name"], "score": float(result["scores"][i]), "anomalous": bool(result["anomalous"][i]),
+            "threshold": float(result["threshold"]),
+            "members": {m: float(v[i]) for m, v in result["member_scores"].items()}}
+
+
 def query_images(ensemble: Ensemble, paths: Iterable, class_name: str | None = None, out_dir=None,
                  batch_size: int = 8) -> Iterator[dict]:
     """One result dict per image file of ``paths`` (files or folders)."""
@@ -74,8 +83,7 @@ def score_files(ensemble: Ensemble, named_paths: Iterable[tuple[Path, Path]], cl
     def flush():
         result = ensemble.predict([img for _, _, img in batch], fusion.class_name)  # resized as the datasets are
         for i, (path, name, img) in enumerate(batch):
-            row = {"path": str(path), "class": fusion.class_name, "score": float(result["scores"][i]),
-                   "anomalous": bool(result["anomalous"][i]), "threshold": fusion.threshold}
+            row = {"path": str(path), **result_row(result, i)}
             if out_dir is not None:
                 target = unique_name(out_dir / name.parent / f"{name.stem}_map.png", written)
                 target.parent.mkdir(parents=True, exist_ok=True)

@@ -19,3 +19,32 @@ def synthetic_root(tmp_path_factory):
     """A small synthetic dataset (MVTec layout) of all five classes, generated once per session."""
     root = tmp_path_factory.mktemp("synthetic")
     return generate_dataset(root, seed=0, image_size=64, n_train=24, n_test_good=4, n_test_per_defect=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, synthetic_root):
+    """Two briefly trained members for 'washer', their best.json index, and the fitted ensemble."""
+    import warnings
+
+    from torch.utils.data import DataLoader
+
+    from anomaly_data import prepare_splits
+    from ensembles.build import build_ensemble
+    from models import create_model
+    from models.training import fit
+
+    run = tmp_path_factory.mktemp("run")
+    splits = prepare_splits("mvtec", synthetic_root, ["washer"], image_size=64)
+    index = []
+    for name, config in {"hvq_trans": {"image_size": 64, "levels": 2, "codebook_size": 16},
+                         "transformaly": {"image_size": 64, "layers": "0-1"},
+                         "patchcore": {"image_size": 64}}.items():
+        torch.manual_seed(0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = create_model(name, "fast", **config)
+        fit(model, DataLoader(splits.train, batch_size=6, shuffle=True), epochs=2, lr=2e-3)
+        model.save(run / f"{name}.pt")
+        index.append({"model": name, "classes": ["washer"], "checkpoint": str(run / f"{name}.pt")})
+    ensemble = build_ensemble(index, "mvtec", synthetic_root, ["washer"], run / "ensemble")
+    return run, ensemble

@@ -1,0 +1,121 @@
+"""The HTTP endpoint (ensembles.serve), started for real on loopback and hit by a real HTTP client."""
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+START_WAIT_S = 240.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_run, tmp_path_factory):
+    """``python -m ensembles.serve`` on a free loopback port, polled until /health answers."""
+    run, _ = tiny_run
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "ensembles.serve", "--ensemble", str(run / "ensemble"),
+                                 "--port", str(port), "--max-batch-size", "4", "--batch-wait-ms", "50",
+                                 "--max-upload-mb", "0.2"],
+                                cwd=REPO, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + START_WAIT_S
+    while True:
+        try:
+            if requests.get(f"{url}/health", timeout=5).status_code == 200:
+                break
+        except requests.ConnectionError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the server did not answer /health within {START_WAIT_S:.0f} s: {log.read_text()[-3000:]}")
+        time.sleep(1)
+    yield url, run
+    os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+def query_cli(ensemble: Path, images: list[Path], out: Path) -> dict[str, dict]:
+    done = subprocess.run([sys.executable, "-m", "ensembles.query", "--ensemble", str(ensemble), "--out", str(out),
+                           *map(str, images)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return {row["path"]: row for row in map(json.loads, done.stdout.splitlines())}
+
+
+def test_the_endpoint_answers_as_the_query_cli_under_concurrent_requests(server, synthetic_root, tmp_path):
+    url, run = server
+    images = sorted((synthetic_root / "washer" / "test").rglob("*.png"))[:12]
+    expected = query_cli(run / "ensemble", images, tmp_path / "maps")
+
+    def post(k_path):
+        k, path = k_path
+        data = path.read_bytes()
+        if k % 2:  # half as the raw body, half as a multipart upload
+            return requests.post(f"{url}/predict", params={"class": "washer", "map": "1"}, data=data, timeout=120)
+        return requests.post(f"{url}/predict", params={"class": "washer", "map": "1"},
+                             files={"image": (path.name, data, "image/png")}, timeout=120)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(post, enumerate(images)))
+    for path, answer in zip(images, answers):
+        assert answer.status_code == 200, answer.text
+        got, want = answer.json(), expected[str(path)]
+        assert got["class"] == "washer" and got["anomalous"] == want["anomalous"]
+        assert got["threshold"] == pytest.approx(want["threshold"], abs=1e-5)
+        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+        assert got["members"].keys() == want["members"].keys()
+        for member, value in want["members"].items():
+            assert got["members"][member] == pytest.approx(value, abs=1e-5)
+        served = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["map_png"]))))
+        written = np.asarray(Image.open(want["map"]))
+        assert served.shape == written.shape and np.abs(served.astype(int) - written.astype(int)).max() <= 1
+
+
+def test_bad_requests_get_a_4xx_with_a_message_and_the_server_stays_up(server, synthetic_root):
+    url, _ = server
+    image = next((synthetic_root / "washer" / "test").rglob("*.png")).read_bytes()
+    cases = [
+        (dict(params={"class": "washer"}, data=b"this is not an image"), 400, "not an image"),
+        (dict(params={"class": "bottle"}, data=image), 404, "unknown class 'bottle'"),
+        (dict(params={"class": "washer"}, data=os.urandom(300_000)), 413, "more than the 200000"),
+        (dict(params={"class": "washer"}, data=b""), 400, "has no image"),
+        (dict(params={"class": "washer"}, files={"file": ("x.png", image, "image/png")}), 400, "field 'image'"),
+    ]
+    for kwargs, status, message in cases:
+        answer = requests.post(f"{url}/predict", timeout=60, **kwargs)
+        assert answer.status_code == status and message in answer.json()["error"], (status, answer.text)
+    health = requests.get(f"{url}/health", timeout=10)
+    assert health.status_code == 200 and health.json()["classes"] == ["washer"]
+    again = requests.post(f"{url}/predict", params={"class": "washer"}, data=image, timeout=60)
+    assert again.status_code == 200 and "map_png" not in again.json()
+
+
+def test_a_bad_ensemble_is_refused_before_ray_starts(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "ensembles.serve", "--ensemble", str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "ensemble.json is missing" in done.stderr
+    assert "Started a local Ray instance" not in done.stdout + done.stderr
