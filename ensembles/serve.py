@@ -25,7 +25,6 @@ scored class by class. One replica holds every class's fusion and loads each mem
 replica takes a GPU when the cluster has one.
 """
 
-from __future__ import annotations
 
 import argparse
 import base64
@@ -58,6 +57,14 @@ class BadRequest(Exception):
     def __init__(self, status: int, message: str):
         super().__init__(message)
         self.status, self.message = status, message
+
+
+# helpers the service calls are defined above it: serve.ingress copies the class by value when it
+# is decorated, with the module globals that exist at that moment
+def png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 @serve.deployment(name="EnsembleService", max_ongoing_requests=64)
@@ -136,12 +143,6 @@ class EnsembleService:
                     answers[i]["map_png"] = png_base64(map_png(result["maps"][k], requests[i][1].shape[:2],
                                                                fusion.map_range))
         return answers
-
-
-def png_base64(image) -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def build_app(args: dict[str, str]):

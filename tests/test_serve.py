@@ -19,6 +19,10 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 START_WAIT_S = 240.0
+# A batch of another size sums in another order: the members' raw maps move by float32 rounding
+# (measured: 7e-5 on PatchCore distances of about 20, so 3e-6 relative), the normalised scores by up
+# to 2e-5. Equal to that, not bit for bit.
+TOLERANCE = 1e-4
 
 
 def free_port() -> int:
@@ -45,7 +49,7 @@ def server(tiny_run, tmp_path_factory):
         try:
             if requests.get(f"{url}/health", timeout=5).status_code == 200:
                 break
-        except requests.ConnectionError:
+        except requests.RequestException:  # not listening yet, or the proxy not routing yet
             pass
         if proc.poll() is not None or time.monotonic() > deadline:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -85,11 +89,11 @@ def test_the_endpoint_answers_as_the_query_cli_under_concurrent_requests(server,
         assert answer.status_code == 200, answer.text
         got, want = answer.json(), expected[str(path)]
         assert got["class"] == "washer" and got["anomalous"] == want["anomalous"]
-        assert got["threshold"] == pytest.approx(want["threshold"], abs=1e-5)
-        assert got["score"] == pytest.approx(want["score"], abs=1e-5)
+        assert got["threshold"] == want["threshold"]
+        assert got["score"] == pytest.approx(want["score"], abs=TOLERANCE)
         assert got["members"].keys() == want["members"].keys()
         for member, value in want["members"].items():
-            assert got["members"][member] == pytest.approx(value, abs=1e-5)
+            assert got["members"][member] == pytest.approx(value, abs=TOLERANCE)
         served = np.asarray(Image.open(io.BytesIO(base64.b64decode(got["map_png"]))))
         written = np.asarray(Image.open(want["map"]))
         assert served.shape == written.shape and np.abs(served.astype(int) - written.astype(int)).max() <= 1
