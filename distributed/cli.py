@@ -140,13 +140,9 @@ class RunContext:
     """The run's bucket URI; ``run_dir`` is then this machine's staging copy of the run's own files."""
 
     @property
-    def storage(self) -> str:
-        """Where Ray Tune and Ray Train write: the run's URI, or the run folder."""
-        return self.run_uri or str(self.run_dir)
-
-    @property
     def location(self) -> str:
-        """The run as the user names it (``--resume`` takes it)."""
+        """The run as the user names it (``--resume`` takes it), where Ray Tune and Ray Train write:
+        its URI, or the run folder."""
         return self.run_uri or str(self.run_dir)
 
     def resources(self) -> dict[str, float]:
@@ -164,9 +160,9 @@ def prepare_run(args, models: list[str]) -> RunContext:
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise CliError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
     check_address(args.address)
-    run_dir, run_uri = resolve_run_dir(args.run_dir, resuming=getattr(args, "resume", None) is not None)
     kind, root, local, records = resolve_dataset(args)
     classes = list(records)
+    run_dir, run_uri = resolve_run_dir(args.run_dir, resuming=getattr(args, "resume", None) is not None)
     return RunContext(kind, root, local, classes, models, run_dir, args.address, args.workers, args.cpus_per_worker,
                       args.gpus_per_worker, args.max_concurrent, args.seed, records, run_uri)
 

@@ -18,14 +18,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import ray
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.stopper import Stopper
 from ray.util.placement_group import PlacementGroup
 from ray.util.state import list_actors, list_placement_groups
-
-import pyarrow.fs as pafs
 
 from anomaly_data.storage import StorageError, location_of
 from distributed.checkpoints import strip_trial
@@ -371,7 +370,7 @@ def run_callbacks(ctx, todo: list, args) -> tuple[list[Callback], PlacementGroup
         train_workers=ctx.workers, slots=ctx.max_concurrent,
         resume_command=f"python -m distributed.tune --resume {ctx.location}"))
     progress = StudyProgress({s.key: args.trials for s in todo}, ctx.run_dir, slots=ctx.max_concurrent)
-    callbacks = [progress, watch, DropOptimizerState(ctx.storage)]
+    callbacks = [progress, watch, DropOptimizerState(ctx.location)]
     if ctx.run_uri:
         callbacks.append(RunSync(ctx.run_dir, ctx.run_uri))
     return callbacks, watch

@@ -48,16 +48,16 @@ def run_grid(ctx: RunContext, specs: dict, skip_bad_images: bool) -> str:
                                            "specs": {k: s.summary() for k, s in specs.items()},
                                            "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent})
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, bases=bases, storage=join(ctx.storage, TRAIN_DIR),
+        tune.with_parameters(tune_trial, bases=bases, storage=join(ctx.location, TRAIN_DIR),
                              resources=ctx.resources()),
         functools.partial(trial_placement, ctx))
     tuner = tune.Tuner(trainable, param_space={"study": tune.grid_search(list(bases)), "model": model},
                        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, max_concurrent_trials=ctx.max_concurrent),
-                       run_config=tune.RunConfig(name="train", storage_path=join(ctx.storage, TUNE_DIR),
+                       run_config=tune.RunConfig(name="train", storage_path=join(ctx.location, TUNE_DIR),
                                                  failure_config=tune.FailureConfig(max_failures=0)))
     try:
         grid = tuner.fit()
-        best = collect_best(grid, ctx.run_dir, model, {k: list(b.classes) for k, b in bases.items()}, ctx.storage)
+        best = collect_best(grid, ctx.run_dir, model, {k: list(b.classes) for k, b in bases.items()}, ctx.location)
     finally:
         sync_run(ctx.run_dir, ctx.run_uri)  # a run in a bucket: its own files go there too
     return format_table(best)

@@ -139,9 +139,9 @@ def run_search(ctx: RunContext, args, todo: list, specs: dict):
     """Every study as trials of one Tune run (restored when an interrupted one is found)."""
     bases = spec_jobs(ctx, {s.key: specs[s.key] for s in todo}, args.skip_bad_images)
     trainable = tune.with_resources(
-        tune.with_parameters(tune_trial, bases=bases, storage=join(ctx.storage, TRAIN_DIR), resources=ctx.resources()),
+        tune.with_parameters(tune_trial, bases=bases, storage=join(ctx.location, TRAIN_DIR), resources=ctx.resources()),
         functools.partial(trial_placement, ctx))
-    path = join(ctx.storage, TUNE_DIR, SEARCH_NAME)
+    path = join(ctx.location, TUNE_DIR, SEARCH_NAME)
     callbacks, stopper = run_callbacks(ctx, todo, args)
     if args.tune_verbose == 0:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's new console output prints a banner even when silent
@@ -168,7 +168,7 @@ def run_search(ctx: RunContext, args, todo: list, specs: dict):
                                         # a DDP trial's thread outlives a stop (Train runs on): no reuse
                                         reuse_actors=ctx.workers <= 1),
             run_config=tune.RunConfig(
-                name=SEARCH_NAME, storage_path=join(ctx.storage, TUNE_DIR), verbose=args.tune_verbose,
+                name=SEARCH_NAME, storage_path=join(ctx.location, TUNE_DIR), verbose=args.tune_verbose,
                 callbacks=callbacks, stop=stopper, failure_config=tune.FailureConfig(max_failures=0),
                 # trials that train in their own process hand their checkpoints to Tune
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=METRIC,
@@ -211,7 +211,7 @@ def finish_studies(ctx: RunContext, todo: list, grid, specs: dict, done: dict) -
         info = export_best(best_result(mine, specs[study.key].first_point()),
                            ctx.run_dir, study.model, list(study.classes), {"study": study.key})
         update_best_index(ctx.run_dir, [info] if info else [])
-        drop_trial_checkpoints(mine, ctx.storage)  # best/ holds the one copy the study keeps
+        drop_trial_checkpoints(mine, ctx.location)  # best/ holds the one copy the study keeps
         failed = sum(r["status"] == "error" for r in rows)
         if failed:
             print(f"[tune] {study.key}: {failed} of {len(rows)} trial(s) failed (see trials.csv, column error)",
