@@ -1,14 +1,23 @@
-"""Datasets: MVTec AD, VisA and folder readers, the synthetic generator, the validation set."""
+"""Datasets: MVTec AD, VisA and folder readers, the synthetic generator, the validation set.
 
-from anomaly_data.datasets import ArrayDataset, load_records
-from anomaly_data.folder import read_folder, read_folder_root
-from anomaly_data.io import read_image, read_mask
-from anomaly_data.mvtec import read_mvtec
-from anomaly_data.records import ClassRecords, DatasetError, ImageRecord
-from anomaly_data.splits import DATASET_KINDS, Splits, prepare_splits, read_dataset
-from anomaly_data.validation import build_validation_set, split_train_validation
-from anomaly_data.visa import read_visa
+The names below load their module on first use, so that ``anomaly_data.io`` and
+``anomaly_data.transforms`` (images with PIL and NumPy) import without torch: the exported
+ensemble's runtime (``ensembles.runtime``) runs where torch is not installed.
+"""
 
-__all__ = ["ArrayDataset", "ClassRecords", "DATASET_KINDS", "DatasetError", "ImageRecord", "Splits",
-           "build_validation_set", "load_records", "prepare_splits", "read_dataset", "read_folder",
-           "read_folder_root", "read_image", "read_mask", "read_mvtec", "read_visa", "split_train_validation"]
+import importlib
+
+_WHERE = {
+    "ArrayDataset": "datasets", "load_records": "datasets", "read_folder": "folder", "read_folder_root": "folder",
+    "read_image": "io", "read_mask": "io", "read_mvtec": "mvtec", "ClassRecords": "records",
+    "DatasetError": "records", "ImageRecord": "records", "DATASET_KINDS": "splits", "Splits": "splits",
+    "prepare_splits": "splits", "read_dataset": "splits", "build_validation_set": "validation",
+    "split_train_validation": "validation", "read_visa": "visa",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'anomaly_data' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"anomaly_data.{_WHERE[name]}"), name)

@@ -144,6 +144,27 @@ def run_members(models: dict[str, Any], x: torch.Tensor, resolution: int) -> dic
     return out
 
 
+def fuse_outputs(fusion: ClassFusion, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+                 choice: FusionChoice | None = None):
+    """``(image scores [B], fused blurred maps [B,1,R,R])`` from member outputs, by the class's
+    kept fusion or by ``choice`` (an ablation's). Tensor operations only: the exported graphs
+    (``ensembles.export``) trace it."""
+    choice = choice or fusion.choice
+    used = [(m, w) for m, w in zip(fusion.members, choice.weights) if w > 0]
+    maps = [QuantileNormalizer(**fusion.pixel_norm[m])(outputs[m][1]) for m, _ in used]
+    ranks = [RankTable(fusion.ranks[m]) for m, _ in used] if choice.rule == "rank_mean" else None
+    fused = maps[0] if len(maps) == 1 else fuse_maps(maps, choice.rule, [w for _, w in used], ranks)
+    fused = blur(fused, choice.sigma)
+    if choice.image_rule == "map_max":
+        scores = fused.flatten(1).amax(1)
+    else:
+        mixed = [(m, w) for m, w in zip(fusion.members, choice.image_weights) if w > 0]
+        parts = torch.stack([QuantileNormalizer(**fusion.image_norm[m])(outputs[m][0]) for m, _ in mixed])
+        w = torch.as_tensor([w for _, w in mixed], dtype=parts.dtype, device=parts.device)
+        scores = torch.einsum("m,mb->b", w / w.sum(), parts)
+    return scores, fused
+
+
 def local_ensemble(uri: str) -> Path:
     """This node's copy of the ensemble folder at ``uri`` and of its run's ``best/``."""
     try:
@@ -242,19 +263,7 @@ class Ensemble:
              choice: FusionChoice | None = None):
         """``(image scores [B], fused blurred maps [B,1,R,R])`` from member outputs, by the class's
         kept fusion or by ``choice`` (an ablation's)."""
-        choice = choice or fusion.choice
-        used = [(m, w) for m, w in zip(fusion.members, choice.weights) if w > 0]
-        maps = [QuantileNormalizer(**fusion.pixel_norm[m])(outputs[m][1]) for m, _ in used]
-        ranks = [RankTable(fusion.ranks[m]) for m, _ in used] if choice.rule == "rank_mean" else None
-        fused = maps[0] if len(maps) == 1 else fuse_maps(maps, choice.rule, [w for _, w in used], ranks)
-        fused = blur(fused, choice.sigma)
-        if choice.image_rule == "map_max":
-            scores = fused.flatten(1).amax(1)
-        else:
-            parts = torch.stack([QuantileNormalizer(**fusion.image_norm[m])(outputs[m][0]) for m in fusion.members])
-            w = torch.as_tensor(choice.image_weights, dtype=parts.dtype, device=parts.device)
-            scores = torch.einsum("m,mb->b", w / w.sum(), parts)
-        return scores, fused
+        return fuse_outputs(fusion, outputs, choice)
 
     def predict(self, images, class_name: str | None = None) -> dict[str, Any]:
         """Scores, fused maps ``[B,1,R,R]``, decisions at the validation threshold, member outputs

@@ -23,6 +23,7 @@ the members' normalised own image scores, e.g. Transformaly's likelihood score).
 from __future__ import annotations
 
 import itertools
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -75,7 +76,7 @@ class RankTable:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         q = torch.as_tensor(self.quantiles, dtype=x.dtype, device=x.device)
-        idx = torch.searchsorted(q, x.contiguous(), right=True).clamp(1, len(q) - 1)
+        idx = count_at_or_below(q, x).clamp(1, len(q) - 1)
         lo, hi = q[idx - 1], q[idx]
         frac = ((x - lo) / (hi - lo).clamp_min(1e-12)).clamp(0, 1)
         rank = (idx - 1 + frac) / (len(q) - 1)
@@ -83,6 +84,22 @@ class RankTable:
         span = (q[-1] - q[0]).clamp_min(1e-12)
         rank = torch.where(x > q[-1], 1 + 1e-3 * torch.tanh((x - q[-1]) / span), rank)
         return torch.where(x < q[0], -1e-3 * torch.tanh((q[0] - x) / span), rank)
+
+
+def count_at_or_below(q: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``torch.searchsorted(q, x, right=True)`` for a sorted 1-D ``q``: how many of ``q`` are <= each
+    value of ``x``. A binary search of a fixed ``ceil(log2(len(q) + 1))`` steps of gathers and
+    comparisons, the same integers, written out because ONNX has no searchsorted."""
+    n = q.numel()
+    low = torch.zeros_like(x, dtype=torch.long)
+    high = torch.full_like(low, n)
+    for _ in range(math.ceil(math.log2(n + 1))):
+        middle = torch.div(low + high, 2, rounding_mode="floor")
+        below = q[middle.clamp(max=n - 1)] <= x
+        open_ = low < high
+        low = torch.where(open_ & below, middle + 1, low)
+        high = torch.where(open_ & ~below, middle, high)
+    return low
 
 
 def fuse_maps(maps: list[torch.Tensor], rule: str, weights=None, ranks: list[RankTable] | None = None) -> torch.Tensor:

@@ -19,13 +19,11 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import numpy as np
-import torch
-import torch.nn.functional as F
-from PIL import Image
 
 from anomaly_data import DatasetError, read_image
 from anomaly_data.records import IMAGE_EXTENSIONS
 from ensembles.ensemble import Ensemble, EnsembleError
+from ensembles.runtime import ExportedEnsemble, ExportError, is_export, map_png, result_row
 
 def expand_paths(items: Iterable) -> Iterator[tuple[Path, Path]]:
     """``(file, name for its outputs)``: files as given; folders walked recursively for images,
@@ -39,14 +37,6 @@ def expand_paths(items: Iterable) -> Iterator[tuple[Path, Path]]:
             yield path, Path(path.name)
 
 
-def map_png(fused: torch.Tensor, size_hw: tuple[int, int], value_range: list[float]) -> Image.Image:
-    lo, hi = value_range
-    m = fused if fused.dim() == 4 else fused[None]
-    m = F.interpolate(m.float(), size=size_hw, mode="bilinear", align_corners=False)[0, 0]
-    scaled = ((m - lo) / max(hi - lo, 1e-12)).clamp(0, 1)
-    return Image.fromarray((scaled * 255).round().byte().numpy())
-
-
 def unique_name(name: Path, taken: set[Path]) -> Path:
     """``name`` or ``name`` with ``_2``, ``_3``... so that no two images share a map file."""
     candidate, k = name, 1
@@ -57,21 +47,13 @@ def unique_name(name: Path, taken: set[Path]) -> Path:
     return candidate
 
 
-def result_row(result: dict, i: int) -> dict:
-    """The answer for image ``i`` of ``Ensemble.predict``'s ``result``: class, score, decision,
-    threshold and each member's normalised image score (the query CLI and the server share it)."""
-    return {"class": result["class_name"], "score": float(result["scores"][i]), "anomalous": bool(result["anomalous"][i]),
-            "threshold": float(result["threshold"]),
-            "members": {m: float(v[i]) for m, v in result["member_scores"].items()}}
-
-
-def query_images(ensemble: Ensemble, paths: Iterable, class_name: str | None = None, out_dir=None,
+def query_images(ensemble: Ensemble | ExportedEnsemble, paths: Iterable, class_name: str | None = None, out_dir=None,
                  batch_size: int = 8) -> Iterator[dict]:
     """One result dict per image file of ``paths`` (files or folders)."""
     return score_files(ensemble, expand_paths(paths), class_name, out_dir, batch_size)
 
 
-def score_files(ensemble: Ensemble, named_paths: Iterable[tuple[Path, Path]], class_name: str | None = None,
+def score_files(ensemble: Ensemble | ExportedEnsemble, named_paths: Iterable[tuple[Path, Path]], class_name: str | None = None,
                 out_dir=None, batch_size: int = 8) -> Iterator[dict]:
     """One result dict per ``(file, output name)``, in order; an unreadable file gets an
     ``error`` entry and the others are still scored."""
@@ -111,19 +93,20 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ensembles.query", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="image files or folders")
-    p.add_argument("--ensemble", required=True, help="an ensemble folder (RUN/ensemble), or its s3:// / gs:// URI")
+    p.add_argument("--ensemble", required=True, help="an ensemble folder (RUN/ensemble), its s3:// / gs:// URI, "
+                                                    "or a folder written by python -m ensembles.export")
     p.add_argument("--class", dest="class_name", default=None, help="class of the images (needed when the "
                                                                     "ensemble covers several)")
     p.add_argument("--out", type=Path, default=Path("anomaly_maps"), help="folder for the map PNGs")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a = p.parse_args(argv)
     try:
-        ensemble = Ensemble.load(a.ensemble, a.device)
+        ensemble = ExportedEnsemble.load(a.ensemble) if is_export(a.ensemble) else Ensemble.load(a.ensemble, a.device)
         failed = 0
         for row in query_images(ensemble, a.inputs, a.class_name, a.out):
             failed += "error" in row
             print(json.dumps(row), flush=True)
-    except EnsembleError as err:
+    except (EnsembleError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 1 if failed else 0

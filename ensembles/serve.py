@@ -44,7 +44,7 @@ from ray import serve
 
 from anomaly_data.io import decode_image
 from ensembles.ensemble import Ensemble, EnsembleError
-from ensembles.query import map_png, result_row
+from ensembles.runtime import map_png, result_row
 
 APP_NAME = "anomaly-ensemble"
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch_size": 8, "batch_wait_ms": 10.0, "max_upload_mb": 20.0,
@@ -187,7 +187,9 @@ def main(argv=None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")
-    ray.init(address=args.address, log_to_driver=False, configure_logging=False)
+    # a local instance without the dashboard: it would take port 8265 from a search running beside it
+    ray.init(address=args.address, log_to_driver=False, configure_logging=False,
+             **({} if args.address else {"include_dashboard": False}))
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app({"ensemble": args.ensemble, "max_batch_size": args.max_batch_size,
                          "batch_wait_ms": args.batch_wait_ms, "max_upload_mb": args.max_upload_mb,

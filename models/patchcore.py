@@ -97,14 +97,21 @@ def greedy_coreset(features: Tensor, size: int, projection_dim: int, seed: int) 
 
 
 def nearest_distances(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """``(distances [Q, k], indices [Q, k])`` of each query's ``k`` nearest rows of ``bank``."""
+    """``(distances [Q, k], indices [Q, k])`` of each query's ``k`` nearest rows of ``bank``, in
+    chunks of queries (bounded memory), or at once while exported (one graph for any batch)."""
     k = min(k, bank.shape[0])
-    dists, idx = [], []
-    for part in queries.split(DISTANCE_CHUNK):
-        d, i = torch.cdist(part, bank).topk(k, dim=1, largest=False)
-        dists.append(d)
-        idx.append(i)
-    return torch.cat(dists), torch.cat(idx)
+    if torch.compiler.is_exporting():
+        return nearest_rows(queries, bank, k)
+    parts = [nearest_rows(part, bank, k) for part in queries.split(DISTANCE_CHUNK)]
+    return torch.cat([d for d, _ in parts]), torch.cat([i for _, i in parts])
+
+
+def nearest_rows(queries: Tensor, bank: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Euclidean distances as ``|q|^2 - 2 q.b + |b|^2`` (what ``torch.cdist`` computes for large
+    inputs too, written out so that it exports for any number of queries), ``k`` smallest."""
+    squared = queries.pow(2).sum(1, keepdim=True) - 2 * queries @ bank.T + bank.pow(2).sum(1)
+    d, i = squared.clamp_min(0).topk(k, dim=1, largest=False)
+    return d.sqrt(), i
 
 
 @register_model(space="search_spaces.patchcore")
@@ -182,7 +189,7 @@ class PatchCore(AnomalyModel):
             return top
         anchor = nearest.gather(1, where[:, None]).squeeze(1)                       # m* per image
         _, neighbours = nearest_distances(self.memory_bank[anchor], self.memory_bank, b)  # N_b(m*), m* first
-        query = features[torch.arange(len(where)), where]                            # m_test*
+        query = features.gather(1, where[:, None, None].expand(-1, 1, features.shape[-1])).squeeze(1)  # m_test*
         d = torch.linalg.vector_norm(self.memory_bank[neighbours] - query[:, None], dim=-1)
         return (1 - torch.softmax(d, dim=1)[:, 0]) * top
 

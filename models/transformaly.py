@@ -261,7 +261,7 @@ class Transformaly(AnomalyModel):
     def score_parts(self, x: Tensor) -> dict[str, Tensor]:
         """Of a prepared batch: the log-likelihoods of the used scores (``pretrained_loglik``,
         ``student_loglik``), the image score and the map."""
-        if not bool(self.statistics_fitted):
+        if not torch.compiler.is_exporting() and not bool(self.statistics_fitted):  # checked before an export
             raise NotFittedError("transformaly: call fit_statistics(train_loader) on the training normals before "
                                  "scoring images (models.training.fit does it after training); anomaly_map needs no fit")
         states, cls = self.teacher_states(x, with_cls=self.uses_cls)

@@ -48,3 +48,18 @@ def tiny_run(tmp_path_factory, synthetic_root):
         index.append({"model": name, "classes": ["washer"], "checkpoint": str(run / f"{name}.pt")})
     ensemble = build_ensemble(index, "mvtec", synthetic_root, ["washer"], run / "ensemble")
     return run, ensemble
+
+
+@pytest.fixture(scope="session")
+def pasted_only():
+    """``dataset -> dataset``: the validation normals and the defects of the foreign-content family
+    (a photo texture, CutPaste, a scar). The models' learning tests set their bars on these kinds;
+    the in-place family (distortion, re-tone) is harder on purpose, so that it predicts subtle test
+    defects, and a few training epochs of a tiny model are not meant to localise it."""
+    from anomaly_data.defects import VALIDATION_DEFECTS
+
+    pasted = {f"synthetic_{k}" for k in VALIDATION_DEFECTS if k in ("perlin_foreign", "cutpaste", "scar")}
+
+    def keep(dataset):
+        return dataset.subset([i for i, d in enumerate(dataset.defects) if d == "good" or d in pasted])
+    return keep

@@ -59,8 +59,11 @@ def server(tiny_run, tmp_path_factory):
     os.killpg(proc.pid, signal.SIGINT)
     try:
         proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+    finally:  # and whatever of its Ray instance is left in its session, so no later test finds two
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def query_cli(ensemble: Path, images: list[Path], out: Path) -> dict[str, dict]:

@@ -41,8 +41,11 @@ def nearest_codes(z: Tensor, codebook: Tensor) -> Tensor:
 
 
 def lookup_codes(codebook: Tensor, codes: Tensor) -> Tensor:
-    """``codebook [..., K, D]`` at ``codes [..., N]`` -> ``[..., N, D]`` (leading dims broadcast)."""
-    return torch.take_along_dim(codebook, codes.unsqueeze(-1), dim=-2)
+    """``codebook [..., K, D]`` at ``codes [..., N]`` -> ``[..., N, D]`` (leading dims broadcast; a
+    gather over expanded views, which exports for any batch)."""
+    lead = torch.broadcast_shapes(codebook.shape[:-2], codes.shape[:-1])
+    index = codes.unsqueeze(-1).expand(*lead, codes.shape[-1], codebook.shape[-1])
+    return torch.gather(codebook.expand(*lead, *codebook.shape[-2:]), -2, index)
 
 
 def quantisation_error(codebook: Tensor, z: Tensor) -> tuple[Tensor, Tensor]:
