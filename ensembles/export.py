@@ -7,7 +7,8 @@ order of its member-score output, the threshold and the map's display range, and
 difference measured against the torch ensemble) and one graph per class: ``<class>.onnx``, or
 ``<class>.xml`` + ``<class>.bin`` for OpenVINO (weights kept in float32). Each graph takes images
 ``[B, 3, R, R]`` (float32 in [0, 1], any batch) and returns the fused map ``[B, 1, R, R]``, the
-image score ``[B]`` and the members' normalised image scores ``[B, M]``: members, fitted
+image score ``[B]`` and the members' normalised image scores ``[B, M]`` (``--members used``: only
+the members the fusion uses run, and only their scores come out): members, fitted
 statistics, normalisers, fusion rule, blur and image rule are all inside it.
 
 ``ensembles.runtime.ExportedEnsemble`` loads the folder with ``onnxruntime`` or ``openvino``
@@ -115,13 +116,17 @@ def write_graph(ensemble: Ensemble, class_name: str, fmt: str, out: Path, member
             "map_range": list(fusion.map_range)}
 
 
-def export_class(ensemble: Ensemble, class_name: str, fmt: str, out: Path, images: list[np.ndarray]) -> dict:
-    """Write one class's graph and check it against the torch ensemble on ``images``. A member whose
-    own score the runtime gets wrong is left out of the graph (and named) when the fusion does not
-    use it; when it does, the export fails naming it."""
+def export_class(ensemble: Ensemble, class_name: str, fmt: str, out: Path, images: list[np.ndarray],
+                 members: str = "all") -> dict:
+    """Write one class's graph and check it against the torch ensemble on ``images``. ``members``:
+    ``all`` (each member's score in the output, as the torch query prints them) or ``used`` (only
+    those the fusion uses: faster). A member whose own score the runtime gets wrong is left out of
+    the graph (and named) when the fusion does not use it; when it does, the export fails naming it."""
     fusion = ensemble.fusion_for(class_name)
     used = set(fusion.members_used)
-    members, left_out = list(fusion.members), {}
+    left_out = {} if members == "all" else {m: "the fusion does not use it (--members used)"
+                                            for m in fusion.members if m not in used}
+    members = [m for m in fusion.members if m not in left_out]
     while True:
         entry = write_graph(ensemble, class_name, fmt, out, members)
         runner = ExportedEnsemble(out, fmt, {class_name: ExportedClass(class_name, **entry)})
@@ -160,9 +165,10 @@ def largest_difference(ensemble: Ensemble, exported: ExportedEnsemble, class_nam
 
 
 def export_ensemble(ensemble: Ensemble, fmt: str, out: str | Path, classes: list[str] | None = None,
-                    check_images: dict[str, list[np.ndarray]] | None = None) -> Path:
+                    check_images: dict[str, list[np.ndarray]] | None = None, members: str = "all") -> Path:
     """Export ``classes`` (default all) into ``out``; each graph is checked against the torch
-    ensemble on ``check_images[class]`` (default: a few random images)."""
+    ensemble on ``check_images[class]`` (default: a few random images); ``members`` as in
+    ``export_class``."""
     if fmt not in ("onnx", "openvino"):
         raise ExportError(f"--format {fmt!r}: choose onnx or openvino")
     out = Path(out)
@@ -175,7 +181,7 @@ def export_ensemble(ensemble: Ensemble, fmt: str, out: str | Path, classes: list
         side = ensemble.fusion_for(name).resolution
         images = (check_images or {}).get(name) or \
             [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(CHECK_BATCH)]
-        entries[name] = export_class(ensemble, name, fmt, out, images)
+        entries[name] = export_class(ensemble, name, fmt, out, images, members)
     (out / EXPORT_FILE).write_text(json.dumps({"format": EXPORT_FORMAT, "runtime": fmt, "classes": entries},
                                               indent=2) + "\n")
     return out
@@ -188,13 +194,16 @@ def main(argv=None) -> int:
     p.add_argument("--format", required=True, choices=("onnx", "openvino"))
     p.add_argument("--out", required=True, type=Path, help="the export folder")
     p.add_argument("--classes", default=None, help="comma-separated classes (default: all)")
+    p.add_argument("--members", choices=("all", "used"), default="all",
+                   help="all: every member runs, its score in the output as the torch query prints it; used: "
+                        "only the members the fusion uses (faster; the other members' scores are left out)")
     a = p.parse_args(argv)
     try:
         ensemble = Ensemble.load(a.ensemble, "cpu")
         classes = [c.strip() for c in a.classes.split(",")] if a.classes else None
         for c in classes or []:
             ensemble.fusion_for(c)
-        out = export_ensemble(ensemble, a.format, a.out, classes)
+        out = export_ensemble(ensemble, a.format, a.out, classes, members=a.members)
     except (EnsembleError, ExportError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

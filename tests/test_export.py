@@ -29,8 +29,20 @@ def exports(tiny_run, tmp_path_factory, synthetic_root):
     ensemble = Ensemble.load(run / "ensemble", "cpu")
     images = {"washer": washer_test_images(synthetic_root)}
     out = tmp_path_factory.mktemp("export")
-    return ensemble, {fmt: export_ensemble(ensemble, fmt, out / fmt, check_images=images)
-                      for fmt in ("onnx", "openvino")}
+    folders = {fmt: export_ensemble(ensemble, fmt, out / fmt, check_images=images) for fmt in ("onnx", "openvino")}
+    folders["onnx-used"] = export_ensemble(ensemble, "onnx", out / "onnx-used", check_images=images, members="used")
+    return ensemble, folders
+
+
+def test_an_export_of_the_used_members_runs_only_them(exports, synthetic_root):
+    ensemble, folders = exports
+    fusion = ensemble.fusion_for("washer")
+    entry = json.loads((folders["onnx-used"] / "export.json").read_text())["classes"]["washer"]
+    assert entry["members"] == fusion.members_used
+    assert sorted(entry["left_out"]) == sorted(set(fusion.members) - set(fusion.members_used))
+    exported = ExportedEnsemble.load(folders["onnx-used"])
+    difference = largest_difference(ensemble, exported, "washer", washer_test_images(synthetic_root))
+    assert difference["maps"] <= TOLERANCE and difference["scores"] <= TOLERANCE, difference
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
