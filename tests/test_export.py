@@ -147,3 +147,22 @@ def test_a_member_that_cannot_be_exported_is_named(tiny_run, tmp_path, monkeypat
     monkeypatch.setattr(net, "score", unexportable)
     with pytest.raises(ExportError, match=r"class washer: member patchcore \(RuntimeError: an operator with no ONNX"):
         export_ensemble(ensemble, "onnx", tmp_path / "out")
+
+
+def test_haloae_exports_with_the_same_values(tmp_path):
+    """The member the tiny ensemble does not have: halo attention (padded blocks, masks) as ONNX."""
+    import onnxruntime
+
+    from ensembles.export import MemberOnly, onnx_graph
+    from models import create_model
+
+    torch.manual_seed(0)
+    net = create_model("haloae", "fast", image_size=64).eval()
+    onnx_graph(MemberOnly(net), torch.rand(2, 3, 64, 64), tmp_path / "haloae.onnx")
+    session = onnxruntime.InferenceSession(str(tmp_path / "haloae.onnx"))
+    images = torch.rand(3, 3, 64, 64)   # another batch size than the one exported with
+    got = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    with torch.no_grad():
+        want = MemberOnly(net)(images)
+    for g, w in zip(got, want):
+        assert np.abs(g - w.numpy()).max() <= TOLERANCE * np.abs(w.numpy()).max()
