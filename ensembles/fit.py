@@ -108,10 +108,10 @@ def held_out_estimate(candidates: list[Candidate], n_groups: int) -> float:
 @dataclass
 class Selection:
     kept: Candidate
-    fused: bool                  # a fusion of members was kept (not the best member alone)
+    fused: bool                  # a fusion of members was kept (not one member alone)
     reason: str
-    held_single: float
-    held_fusion: float
+    held_default: float          # held-out estimate of the robust default
+    held_other: float            # of the best other procedure
 
 
 def select(candidates: list[Candidate], names: list[str], n_groups: int, what: str,
@@ -269,7 +269,7 @@ def fit_class_fusion(class_name: str, models: dict[str, Any], member_files: dict
     kept_map, kept_image = map_pick.kept, image_pick.kept
     threshold, threshold_rule = choose_threshold(kept_image.scores, labels, groups)
 
-    def row(name: str, map_c: Candidate, image_c: Candidate, **extra) -> dict[str, Any]:
+    def row(name: str, map_c: Candidate, image_c: Candidate) -> dict[str, Any]:
         per_group = (map_c.per_group + image_c.per_group) / 2
         return {"name": name, "image_auroc": image_c.overall, "pixel_auroc": map_c.overall,
                 "val_score": validation_score(image_c.overall, map_c.overall), "held_out": float(per_group.mean()),
@@ -291,8 +291,8 @@ def fit_class_fusion(class_name: str, models: dict[str, Any], member_files: dict
     report.append({**row("ensemble", kept_map, kept_image), "members_used": used, "best_member": best_member["name"],
                    "beats_best_member": map_pick.fused or image_pick.fused,
                    "reason": f"{map_pick.reason}; {image_pick.reason}",
-                   "held_out_fusion": [map_pick.held_fusion, image_pick.held_fusion],
-                   "held_out_single": [map_pick.held_single, image_pick.held_single],
+                   "held_out_default": [map_pick.held_default, image_pick.held_default],   # [map, image score]
+                   "held_out_other": [map_pick.held_other, image_pick.held_other],
                    "threshold_rule": threshold_rule})
 
     choice = scorer.choice(kept_map, kept_image)
