@@ -22,6 +22,7 @@ difference of maps and scores, relative to their largest magnitude, must be with
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import sys
 import warnings
@@ -171,6 +172,10 @@ def export_ensemble(ensemble: Ensemble, fmt: str, out: str | Path, classes: list
     ``export_class``."""
     if fmt not in ("onnx", "openvino"):
         raise ExportError(f"--format {fmt!r}: choose onnx or openvino")
+    needed = ["onnx", "onnxscript", "onnxruntime"] + (["openvino"] if fmt == "openvino" else [])
+    missing = [name for name in needed if importlib.util.find_spec(name) is None]
+    if missing:
+        raise ExportError(f"exporting to {fmt} needs {', '.join(missing)}: pip install 'anomaly-ensemble[export]'")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ensemble.members = {k: m.to("cpu").eval() for k, m in ensemble.members.items()}
