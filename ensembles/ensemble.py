@@ -165,6 +165,12 @@ def fuse_outputs(fusion: ClassFusion, outputs: dict[str, tuple[torch.Tensor, tor
     return scores, fused
 
 
+def normalised_member_scores(fusion: ClassFusion, outputs: dict[str, tuple[torch.Tensor, torch.Tensor]]
+                             ) -> dict[str, torch.Tensor]:
+    """Each member's own image scores ``[B]`` normalised as the fusion sees them."""
+    return {m: QuantileNormalizer(**fusion.image_norm[m])(scores) for m, (scores, _) in outputs.items()}
+
+
 def local_ensemble(uri: str) -> Path:
     """This node's copy of the ensemble folder at ``uri`` and of its run's ``best/``."""
     try:
@@ -274,4 +280,4 @@ class Ensemble:
         return {"scores": scores.cpu(), "maps": maps.cpu(), "anomalous": (scores >= fusion.threshold).cpu(),
                 "threshold": fusion.threshold, "class_name": fusion.class_name,
                 "members": {m: (s.cpu(), mp.cpu()) for m, (s, mp) in outputs.items()},
-                "member_scores": {m: QuantileNormalizer(**fusion.image_norm[m])(s).cpu() for m, (s, _) in outputs.items()}}
+                "member_scores": {m: s.cpu() for m, s in normalised_member_scores(fusion, outputs).items()}}

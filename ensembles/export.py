@@ -32,9 +32,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ensembles.ensemble import Ensemble, EnsembleError, fuse_outputs, run_members
+from ensembles.ensemble import Ensemble, EnsembleError, fuse_outputs, normalised_member_scores, run_members
 from ensembles.runtime import EXPORT_FILE, EXPORT_FORMAT, ExportedClass, ExportedEnsemble, ExportError
-from ensembles.fusion import QuantileNormalizer
 
 TOLERANCE = 1e-4        # relative: max |graph - torch| / max |torch|, float32
 OPSET = 18
@@ -54,8 +53,8 @@ class FusedClass(nn.Module):
     def forward(self, images: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         outputs = run_members(dict(zip(self.names, self.members)), images, self.fusion.resolution)
         scores, maps = fuse_outputs(self.fusion, outputs)
-        members = torch.stack([QuantileNormalizer(**self.fusion.image_norm[m])(outputs[m][0]) for m in self.names], 1)
-        return maps, scores, members
+        members = normalised_member_scores(self.fusion, outputs)
+        return maps, scores, torch.stack([members[m] for m in self.names], 1)
 
 
 def onnx_graph(module: nn.Module, example: Tensor, path: Path) -> None:
