@@ -138,6 +138,8 @@ class RunContext:
     """Per class, its ``anomaly_data.ClassRecords`` (paths only, nothing decoded)."""
     run_uri: str | None = None
     """The run's bucket URI; ``run_dir`` is then this machine's staging copy of the run's own files."""
+    cluster: dict[str, Any] = field(default_factory=dict)
+    """What the cluster has (CPUs, GPUs, nodes), as ``fill_resources`` found it."""
 
     @property
     def location(self) -> str:
@@ -235,6 +237,7 @@ def fill_resources(ctx: RunContext) -> None:
 
     Raises ``CliError`` when one run can never fit, instead of waiting for ever."""
     cpus, gpus = cluster_capacity()
+    ctx.cluster = {"cpus": cpus, "gpus": gpus, "nodes": sum(node["Alive"] for node in ray.nodes())}
     if ctx.gpus_per_worker is None:
         ctx.gpus_per_worker = 1.0 if gpus >= 1 else 0.0
     if ctx.cpus_per_worker is None:

@@ -38,12 +38,14 @@ from distributed.monitor import run_callbacks
 from distributed.results import best_result, export_best, format_table, trial_rows, write_trials
 from distributed.spec import SpecError, build_specs
 from distributed.studies import STUDY_KEY, SearchOptions, Study, live_trial_limit, make_search
+from distributed.tracking import Tracking, close_tracking, open_tracking
 from distributed.train import spec_jobs
 from distributed.trial import METRIC, MODE, tune_trial
 from ensembles.build import build_and_evaluate
 from ensembles.ensemble import EnsembleError
-from ensembles.run_folder import (CONFIG_FILE, OPTUNA_FILE, STUDIES_FILE, TRAIN_DIR, TRIALS_FILE, TUNE_DIR, sync_run,
-                                  group_key, read_best_index, update_best_index)
+from ensembles.report import REPORT_FILE, write_report
+from ensembles.run_folder import (CONFIG_FILE, OPTUNA_FILE, STUDIES_FILE, TIMES_FILE, TRAIN_DIR, TRIALS_FILE, TUNE_DIR,
+                                  group_key, read_best_index, sync_run, update_best_index)
 from models import model_class, model_names
 
 DEFAULT_MODELS = tuple(model_names())  # every registered model
@@ -95,6 +97,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--stall-timeout", type=float, default=300.0, metavar="SECONDS",
                    help="when no trial has started for this long while trials wait, look for orphaned "
                         "placement groups and remove them; stop with an error if that does not help")
+    g.add_argument("--mlflow", default=None, metavar="URI",
+                   help="log to MLflow (default: off): each trial as a run (params, per-epoch metrics, its "
+                        "study as a tag) under a parent run that gets the test table and report.html; a local "
+                        "store such as sqlite:///mlflow.db, or a tracking server http://HOST:5000")
+    g.add_argument("--mlflow-experiment", default=None, metavar="NAME",
+                   help="MLflow experiment of the run (default: the run folder's name)")
     g.add_argument("--tune-verbose", type=int, choices=(0, 1, 2, 3), default=0,
                    help="Ray Tune's own console output (default 0: one progress line per study instead)")
     add_cluster_args(p)
@@ -135,7 +143,7 @@ def search_studies(ctx: RunContext, scope: str) -> list[Study]:
     return [Study(f"{m}-{group_key(g)}", m, tuple(g)) for m in ctx.models for g in groups]
 
 
-def run_search(ctx: RunContext, args, todo: list, specs: dict):
+def run_search(ctx: RunContext, args, todo: list, specs: dict, tracking: Tracking | None):
     """Every study as trials of one Tune run (restored when an interrupted one is found)."""
     bases = spec_jobs(ctx, {s.key: specs[s.key] for s in todo}, args.skip_bad_images)
     trainable = tune.with_resources(
@@ -143,6 +151,8 @@ def run_search(ctx: RunContext, args, todo: list, specs: dict):
         functools.partial(trial_placement, ctx))
     path = join(ctx.location, TUNE_DIR, SEARCH_NAME)
     callbacks, stopper = run_callbacks(ctx, todo, args)
+    if tracking is not None:
+        callbacks.append(tracking.trial_callback())
     if args.tune_verbose == 0:
         os.environ["RAY_AIR_NEW_OUTPUT"] = "0"  # Tune's new console output prints a banner even when silent
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -254,6 +264,7 @@ def load_done(run_dir: Path) -> dict[str, Any]:
 
 def main(argv=None) -> int:
     t0 = time.time()
+    tracking = None
     try:
         args = restore_args(argv)
         models = split_list(args.models) or list(DEFAULT_MODELS)
@@ -267,14 +278,21 @@ def main(argv=None) -> int:
         studies = search_studies(ctx, args.study_scope)
         specs = build_specs(studies, ctx.records, args.preset, args.set, args.epochs, args.batch_size,
                             args.image_size, args.seed)
+        if args.mlflow:  # before Ray starts: a store that cannot be reached fails at once
+            tracking = open_tracking(args.mlflow, args.mlflow_experiment or Path(ctx.location).name, ctx.run_dir,
+                                     {k: v for k, v in vars(args).items() if v is not None})
         start_ray(ctx)
         fill_resources(ctx)
     except (CliError, SpecError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    times: dict[str, float] = {}
+    code = 1
     try:
-        return run(ctx, args, studies, specs, t0)
+        code = run(ctx, args, studies, specs, t0, times, tracking)
+        return code
     finally:
+        finish_run(ctx, tracking, code == 0, {**times, "total_s": time.time() - t0})
         try:
             sync_run(ctx.run_dir, ctx.run_uri)  # whatever happened, the bucket gets what the run wrote
         except StorageError as err:
@@ -282,13 +300,38 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
 
 
-def run(ctx: RunContext, args, studies: list[Study], specs: dict, t0: float) -> int:
-    """The search, the best checkpoints and the ensemble of a checked run; the exit code."""
+def finish_run(ctx: RunContext, tracking: Tracking | None, succeeded: bool, times: dict[str, float]) -> None:
+    """At the end of every run, whatever its outcome: ``times.json``, ``report.html`` and the
+    MLflow parent run's figures and files. A failure here is reported, never raised: the run's
+    own outcome stands."""
+    write_json(ctx.run_dir / TIMES_FILE, times)
+    try:
+        report = write_report(ctx.run_dir)
+        where = join(ctx.location, REPORT_FILE) if ctx.run_uri else report
+        print(f"[tune] report: {where}", flush=True)
+    except Exception as err:  # noqa: BLE001 -- a report must not turn a finished run into a failed one
+        print(f"warning: report.html not written: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
+    if tracking is not None:
+        try:
+            close_tracking(tracking, ctx.run_dir, succeeded)
+            print(f"[tune] MLflow: run {tracking.parent_run_id} in experiment {tracking.experiment_name!r} at "
+                  f"{tracking.tracking_uri} (open it with: mlflow ui --backend-store-uri {tracking.tracking_uri})",
+                  flush=True)
+        except Exception as err:  # noqa: BLE001 -- the same: the run's files are already safe on disk
+            print(f"warning: MLflow: the run's results were not logged: {type(err).__name__}: {err}",
+                  file=sys.stderr, flush=True)
+
+
+def run(ctx: RunContext, args, studies: list[Study], specs: dict, t0: float, times: dict[str, float],
+        tracking: Tracking | None) -> int:
+    """The search, the best checkpoints and the ensemble of a checked run; the exit code.
+    ``times`` gets the seconds the search and the ensemble took."""
     recorded = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     recorded["root"] = str(ctx.root)  # resolved: a resume from another folder finds the data
     write_json(ctx.run_dir / CONFIG_FILE, {"command": "tune", "args": recorded, "dataset": ctx.dataset,
                                              "root": str(ctx.root), "classes": ctx.classes,
                                              "resources": ctx.resources(), "max_concurrent": ctx.max_concurrent,
+                                             "cluster": ctx.cluster,
                                              "specs": {k: s.summary() for k, s in specs.items()}})
     sync_run(ctx.run_dir, ctx.run_uri)  # before the search: a resume from another machine needs config.json
     print_specs(specs)
@@ -298,7 +341,9 @@ def run(ctx: RunContext, args, studies: list[Study], specs: dict, t0: float) -> 
     done = load_done(ctx.run_dir)
     todo = [s for s in studies if s.key not in done]
     if todo:
-        grid, interrupted, stopper = run_search(ctx, args, todo, specs)
+        started = time.time()
+        grid, interrupted, stopper = run_search(ctx, args, todo, specs, tracking)
+        times["search_s"] = time.time() - started
         if stopper.failure:
             print(f"error: {stopper.failure}", file=sys.stderr, flush=True)
             return 1
@@ -316,12 +361,14 @@ def run(ctx: RunContext, args, studies: list[Study], specs: dict, t0: float) -> 
         print(f"error: no trial of any study succeeded; {first_failure(ctx.run_dir / TRIALS_FILE)}", file=sys.stderr)
         return 1
     if not args.no_ensemble:
+        started = time.time()
         try:
             print(build_and_evaluate(ctx.run_dir, index, ctx.dataset, ctx.local_root, ctx.classes, args.seed,
                                      skip_bad_images=args.skip_bad_images), flush=True)
         except (EnsembleError, DatasetError) as err:
             print(f"error: no ensemble: {err}", file=sys.stderr)
             return 1
+        times["ensemble_s"] = time.time() - started
     print(f"[tune] finished in {time.time() - t0:.0f} s; results in {ctx.location}", flush=True)
     return 0
 

@@ -7,13 +7,15 @@ Writes ``results.csv`` (long form: class, member, image_auroc, pixel_auroc, aupr
 pixel_f1max, val_image_auroc, val_pixel_auroc, weights, plus a ``mean`` class row per member;
 ``member`` is a model name, ``fused:<a>+<b>...`` for an ablation, or ``ensemble`` for the kept
 fusion), ``results.md`` (the same as tables, with the validation -> test gap, what was kept and
-why, the pixel resolution and the weights each member ran on) and ``overlays/<class>/*.png``.
+why, the pixel resolution and the weights each member ran on) and ``overlays/<class>/*.png`` (worst
+misses at the ensemble's threshold first; ``gallery.json`` lists them with verdict and score).
 Pixel metrics are computed at ground-truth resolution by default (maps upsampled bilinearly).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -37,6 +39,7 @@ from models.training import score_outputs
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max")
 VAL_METRICS = ("val_image_auroc", "val_pixel_auroc")
 ENSEMBLE = "ensemble"
+GALLERY_FILE = "gallery.json"  # overlays/<class>/: the pictures in order, their verdicts and scores
 
 
 def ground_truth(records, resolution: int, pixel_resolution: str) -> list[np.ndarray]:
@@ -82,6 +85,27 @@ def score_class(ens: Ensemble, class_name: str, records, batch_size: int = 8):
     return dataset, {m: (scores.numpy(), maps) for m, (scores, maps) in outputs.items()}
 
 
+VERDICTS = {(1, False): "missed", (0, True): "false_alarm", (1, True): "caught", (0, False): "normal"}
+
+
+def gallery_order(labels: np.ndarray, scores: np.ndarray, threshold: float, defects: list[str],
+                  size: int) -> list[tuple[int, str]]:
+    """Up to ``size`` test images to show, each with its verdict at ``threshold``: the worst
+    misses first (missed defects from the lowest score up, then false alarms from the highest
+    score down), then one caught image per defect kind and one normal."""
+    flagged = scores > threshold
+    verdicts = [VERDICTS[int(label), bool(flag)] for label, flag in zip(labels, flagged)]
+    missed = sorted((i for i, v in enumerate(verdicts) if v == "missed"), key=lambda i: scores[i])
+    false_alarms = sorted((i for i, v in enumerate(verdicts) if v == "false_alarm"), key=lambda i: -scores[i])
+    first_of_kind: dict[str, int] = {}
+    for i, v in enumerate(verdicts):
+        if v in ("caught", "normal"):
+            first_of_kind.setdefault(defects[i], i)
+    normal = [first_of_kind.pop("good")] if "good" in first_of_kind else []
+    order = missed + false_alarms + list(first_of_kind.values()) + normal
+    return [(i, verdicts[i]) for i in order[:size]]
+
+
 def evaluate_class(ens: Ensemble, class_name: str, records, pixel_resolution: str, overlay_dir: Path | None,
                    overlays: int) -> list[dict]:
     fusion = ens.fusion_for(class_name)
@@ -102,14 +126,17 @@ def evaluate_class(ens: Ensemble, class_name: str, records, pixel_resolution: st
                      "val_pixel_auroc": float(val.get("pixel_auroc", np.nan)),
                      "weights": "+".join(sorted({fusion.weights_used.get(m, "") for m in used}))})
     if overlay_dir is not None and overlays > 0:
-        first_of_each = {}
-        for i, defect in enumerate(dataset.defects):  # one picture per defect kind, normal last
-            first_of_each.setdefault(defect, i)
-        normal = [first_of_each.pop("good")] if "good" in first_of_each else []
-        for i in list(first_of_each.values())[:max(1, overlays - 1)] + normal:
-            save_overlay(overlay_dir / class_name / f"{i:03d}_{Path(records[i].path).stem}_{records[i].defect}.png",
-                         dataset.images[i], dataset.masks[i],
+        scores = outputs[ENSEMBLE][0]
+        shown = gallery_order(labels, scores, fusion.threshold, dataset.defects, overlays)
+        entries = []
+        for rank, (i, verdict) in enumerate(shown):
+            name = f"{rank:03d}_{verdict}_{records[i].defect}_{Path(records[i].path).stem}.png"
+            save_overlay(overlay_dir / class_name / name, dataset.images[i], dataset.masks[i],
                          {m: outputs[m][1][i, 0].numpy() for m in outputs if not m.startswith(ABLATION_PREFIX)})
+            entries.append({"file": name, "image": str(records[i].path), "defect": records[i].defect,
+                            "verdict": verdict, "score": float(scores[i])})
+        (overlay_dir / class_name / GALLERY_FILE).write_text(json.dumps(
+            {"threshold": float(fusion.threshold), "images": entries}, indent=1))
     return rows
 
 
@@ -163,7 +190,7 @@ def class_notes(ens: Ensemble, frame: pd.DataFrame) -> dict[str, list[str]]:
 
 
 def evaluate_ensemble(ens: Ensemble, dataset: str, root, classes: list[str] | None, out_dir,
-                      pixel_resolution: str = "gt", overlays: int = 4, seed: int | None = None) -> pd.DataFrame:
+                      pixel_resolution: str = "gt", overlays: int = 8, seed: int | None = None) -> pd.DataFrame:
     """Evaluate on the test split of ``classes`` (default: every class of the ensemble found in root).
 
     ``seed`` decides which normals a ``folder`` dataset keeps for testing; by default the one the
@@ -201,7 +228,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, default=None, help="output folder (default: the ensemble's parent; for an "
                                                           "ensemble URI, the local copy's)")
     p.add_argument("--pixel-resolution", choices=("gt", "input"), default="gt")
-    p.add_argument("--overlays", type=int, default=4, help="overlay pictures per class")
+    p.add_argument("--overlays", type=int, default=8,
+                   help="overlay pictures per class, worst misses first (missed defects, false alarms)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--seed", type=int, default=None,
                    help="folder datasets: seed of the train/test split (default: the ensemble's own)")

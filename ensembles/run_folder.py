@@ -8,6 +8,8 @@ of a class group, and the index of the best checkpoints.
     RUN/studies.json                       finished studies of distributed.tune (resume skips them)
     RUN/progress.json                      the last progress lines and the trials' waits
     RUN/optuna.journal                     each study's Optuna history
+    RUN/times.json                         seconds spent: search, ensemble and test, whole run
+    RUN/report.html                        the report of the run (ensembles.report)
     RUN/best/<model>/<classes>/model.pt    best validation checkpoint (loads with models.load_model)
     RUN/best/<model>/<classes>/best.json   its config, validation metrics, trial id and source path
     RUN/best.json                          index of the above
@@ -33,6 +35,7 @@ TRIALS_FILE = "trials.csv"
 STUDIES_FILE = "studies.json"
 PROGRESS_FILE = "progress.json"
 OPTUNA_FILE = "optuna.journal"  # optuna.storages.JournalStorage
+TIMES_FILE = "times.json"
 BEST_DIR = "best"
 BEST_INFO_FILE = "best.json"  # in each RUN/best/<model>/<classes>/
 BEST_INDEX_FILE = "best.json"  # RUN/best.json: every BEST_INFO_FILE's content, one list
