@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import re
+import socket
+import urllib.parse
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from distributed.studies import STUDY_KEY
 from ensembles.run_folder import BEST_INDEX_FILE, TRIALS_FILE
 
 MLFLOW_FILE = "mlflow.json"
+CONNECT_TIMEOUT_S = 10.0  # MLflow's own client retries an unreachable server for minutes
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under its parent
 ARTIFACTS = ("results.csv", "results.md", "report.html", TRIALS_FILE, BEST_INDEX_FILE)
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro")
@@ -76,6 +79,20 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
+def check_server_reachable(uri: str) -> None:
+    """For an ``http(s)://`` tracking server, one TCP connection within ``CONNECT_TIMEOUT_S``."""
+    parts = urllib.parse.urlparse(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        socket.create_connection((parts.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as err:
+        raise CliError(f"--mlflow {uri}: no tracking server answers at {parts.hostname}:{port} ({err}); start "
+                       "one (mlflow server --host 0.0.0.0 --port 5000) or give a local store such as "
+                       "sqlite:///mlflow.db") from None
+
+
 def open_tracking(uri: str, experiment_name: str, run_dir: Path, params: dict[str, Any]) -> Tracking:
     """The run's experiment and parent run (made, or found in ``RUN/mlflow.json`` on a resume);
     a ``CliError`` naming ``--mlflow`` when MLflow is missing or the store cannot be reached."""
@@ -89,6 +106,7 @@ def open_tracking(uri: str, experiment_name: str, run_dir: Path, params: dict[st
         if tracking.tracking_uri == absolute_uri(uri):
             return tracking
     uri = absolute_uri(uri)
+    check_server_reachable(uri)
     client = mlflow.MlflowClient(tracking_uri=uri)
     try:
         experiment = client.get_experiment_by_name(experiment_name)
