@@ -38,6 +38,7 @@ import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from anomaly_data.storage import is_file, is_uri, join, read_bytes, subfolders  # noqa: E402
 from ensembles.ensemble import CONFIG_FILE as ENSEMBLE_FILE  # noqa: E402
 from ensembles.ensemble import FusionChoice  # noqa: E402
 from ensembles.evaluate import ENSEMBLE, GALLERY_FILE, METRICS  # noqa: E402
@@ -76,20 +77,31 @@ def read_csv(path: Path) -> pd.DataFrame:
     return pd.read_csv(path) if path.is_file() else pd.DataFrame()
 
 
-def trial_histories(run_dir: Path) -> pd.DataFrame:
+def tune_location(run_dir: Path, config: dict) -> str | Path:
+    """Where Ray Tune wrote the trials: ``RUN/tune``, in the bucket when the run lives in one
+    (Tune writes there directly; the run folder on this disk is a staging copy)."""
+    recorded = config.get("args", {}).get("run_dir")
+    return join(recorded, TUNE_DIR) if recorded and is_uri(recorded) else run_dir / TUNE_DIR
+
+
+def trial_histories(tune_dir: str | Path) -> pd.DataFrame:
     """Every epoch every trial reported (Tune's ``result.json`` of each trial): study, trial id,
     epoch, the metric and the wall-clock time it was reported at."""
     rows = []
-    for result in sorted((run_dir / TUNE_DIR).glob("*/*/result.json")):
-        for line in result.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by an interruption
+    for experiment in subfolders(tune_dir, "*"):
+        for trial in subfolders(experiment, "*"):
+            result = join(trial, "result.json")
+            if not is_file(result):
                 continue
-            if METRIC in r:
-                rows.append({"study": r.get("config", {}).get("study"), "trial_id": r.get("trial_id"),
-                             "epoch": r.get("training_iteration"), METRIC: r[METRIC],
-                             "timestamp": r.get("timestamp")})
+            for line in read_bytes(result).decode().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by an interruption
+                    continue
+                if METRIC in r:
+                    rows.append({"study": r.get("config", {}).get("study"), "trial_id": r.get("trial_id"),
+                                 "epoch": r.get("training_iteration"), METRIC: r[METRIC],
+                                 "timestamp": r.get("timestamp")})
     return pd.DataFrame(rows, columns=["study", "trial_id", "epoch", METRIC, "timestamp"])
 
 
@@ -193,7 +205,12 @@ def fusion_summary(fusion: dict) -> str:
     choice = FusionChoice(fusion["rule"], fusion["weights"], fusion["sigma"], fusion["image_rule"],
                           fusion["image_weights"])
     kept = fusion.get("validation", [{}])[-1]
+    def weighted(weights: list[float]) -> str:
+        return ", ".join(f"{m} {w:.2f}" for m, w in zip(fusion["members"], weights) if w > 0) or "-"
+
     lines = [f"kept: {choice.describe(fusion['members'])}; threshold {fusion['threshold']:.4g} on the image score",
+             f"map weights: {weighted(choice.weights)}; image-score weights: "
+             f"{weighted(choice.image_weights) if choice.image_rule == 'member_mix' else '- (the fused map maximum)'}",
              f"why: {kept.get('reason', '(not recorded)')}"]
     return "<ul>" + "".join(f"<li>{html.escape(line)}</li>" for line in lines) + "</ul>"
 
@@ -336,7 +353,7 @@ def write_report(run_dir: Path | str) -> Path:
         raise FileNotFoundError(f"{run_dir / CONFIG_FILE} not found: give the folder of a distributed.tune run")
     results = read_csv(run_dir / RESULTS_FILE)
     trials = read_csv(run_dir / TRIALS_FILE)
-    histories = trial_histories(run_dir)
+    histories = trial_histories(tune_location(run_dir, config))
     ensemble = read_json(run_dir / ENSEMBLE_DIR / ENSEMBLE_FILE, {})
     fusions = ensemble.get("classes", {})
     classes = config.get("classes", [])

@@ -214,8 +214,12 @@ def test_a_search_in_a_bucket_reads_its_data_writes_its_run_and_answers_from_the
     keys = keys_under(s3, "runs/r1")
     for key in ("config.json", "trials.csv", "studies.json", "best.json", "optuna.journal", "progress.json",
                 "best/patchcore/brick/model.pt", "best/hvq_trans/brick/model.pt", "best/hvq_trans/brick/best.json",
-                "ensemble/ensemble.json", "results.csv", "results.md"):
+                "ensemble/ensemble.json", "results.csv", "results.md", "report.html", "times.json"):
         assert key in keys, (key, sorted(keys))
+    assert f"[tune] report: {run}/report.html" in out.stdout
+    report = s3.get_object(Bucket=BUCKET, Key="runs/r1/report.html")["Body"].read().decode()
+    # the search history comes from Tune's trial results, which Ray wrote to the bucket itself
+    assert 'alt="hvq_trans-brick search history"' in report and 'alt="patchcore-brick search history"' in report
     assert any(k.startswith("overlays/brick/") for k in keys)
     assert any(k.startswith("tune/search/") for k in keys)                 # Tune's own state, written by Ray
     assert not [k for k in keys if "/checkpoint_" in k]                     # trial checkpoints dropped after export
