@@ -19,7 +19,7 @@ from PIL import Image
 
 from chromium import Chromium
 from ensembles.evaluate import gallery_order
-from ensembles.report import importance_view, write_report
+from ensembles.report import importance_view
 from test_distributed import SMALL, run_cli
 
 SERVER_START_S = 90
@@ -154,9 +154,13 @@ def test_a_tracking_store_that_cannot_be_reached_fails_before_ray_starts(tmp_pat
 def test_the_report_of_a_run_without_results_says_so(tracked_run, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(tracked_run[0], run, ignore=shutil.ignore_patterns("results.*", "overlays", "ensemble", "best"))
-    page = write_report(run).read_text()
+    out = run_cli(["-m", "ensembles.report", str(run)], timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == str(run / "report.html"), out.stderr[-2000:]
+    page = (run / "report.html").read_text()
     assert "no test-split results" in page and "no gallery" in page
     assert "Study patchcore-washer" in page and page.count("<img") >= 2     # the search is still shown
+    not_a_run = run_cli(["-m", "ensembles.report", str(tmp_path)], timeout=300)
+    assert not_a_run.returncode == 2 and "config.json not found" in not_a_run.stderr
 
 
 def test_the_gallery_shows_the_worst_misses_first():
