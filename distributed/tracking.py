@@ -104,6 +104,7 @@ def open_tracking(uri: str, experiment_name: str, run_dir: Path, params: dict[st
     if saved.is_file():
         tracking = Tracking(**json.loads(saved.read_text()))
         if tracking.tracking_uri == absolute_uri(uri):
+            tracking.client().update_run(tracking.parent_run_id, status="RUNNING")  # it was ended as KILLED/FAILED
             return tracking
     uri = absolute_uri(uri)
     check_server_reachable(uri)
@@ -125,8 +126,13 @@ def open_tracking(uri: str, experiment_name: str, run_dir: Path, params: dict[st
     return tracking
 
 
-def close_tracking(tracking: Tracking, run_dir: Path, succeeded: bool) -> None:
-    """Macro test figures and the run's files on the parent run, which is then ended."""
+def run_status(exit_code: int) -> str:
+    """The parent run's MLflow status for the run's exit code (130: interrupted, resumable)."""
+    return {0: "FINISHED", 130: "KILLED"}.get(exit_code, "FAILED")
+
+
+def close_tracking(tracking: Tracking, run_dir: Path, status: str) -> None:
+    """Macro test figures and the run's files on the parent run, which is then ended with ``status``."""
     client = tracking.client()
     results = run_dir / "results.csv"
     if results.is_file():
@@ -138,4 +144,4 @@ def close_tracking(tracking: Tracking, run_dir: Path, succeeded: bool) -> None:
     for name in ARTIFACTS:
         if (run_dir / name).is_file():
             client.log_artifact(tracking.parent_run_id, str(run_dir / name))
-    client.set_terminated(tracking.parent_run_id, "FINISHED" if succeeded else "FAILED")
+    client.set_terminated(tracking.parent_run_id, status)

@@ -38,7 +38,7 @@ from distributed.monitor import run_callbacks
 from distributed.results import best_result, export_best, format_table, trial_rows, write_trials
 from distributed.spec import SpecError, build_specs
 from distributed.studies import STUDY_KEY, SearchOptions, Study, live_trial_limit, make_search
-from distributed.tracking import Tracking, close_tracking, open_tracking
+from distributed.tracking import Tracking, close_tracking, open_tracking, run_status
 from distributed.train import spec_jobs
 from distributed.trial import METRIC, MODE, tune_trial
 from ensembles.build import build_and_evaluate
@@ -285,6 +285,8 @@ def main(argv=None) -> int:
         fill_resources(ctx)
     except (CliError, SpecError) as err:
         print(f"error: {err}", file=sys.stderr)
+        if tracking is not None:  # Ray did not start: the parent run ends here
+            tracking.client().set_terminated(tracking.parent_run_id, "FAILED")
         return 2
     times: dict[str, float] = {}
     code = 1
@@ -292,7 +294,7 @@ def main(argv=None) -> int:
         code = run(ctx, args, studies, specs, t0, times, tracking)
         return code
     finally:
-        finish_run(ctx, tracking, code == 0, {**times, "total_s": time.time() - t0})
+        finish_run(ctx, tracking, code, {**times, "total_s": time.time() - t0})
         try:
             sync_run(ctx.run_dir, ctx.run_uri)  # whatever happened, the bucket gets what the run wrote
         except StorageError as err:
@@ -300,7 +302,7 @@ def main(argv=None) -> int:
                   file=sys.stderr, flush=True)
 
 
-def finish_run(ctx: RunContext, tracking: Tracking | None, succeeded: bool, times: dict[str, float]) -> None:
+def finish_run(ctx: RunContext, tracking: Tracking | None, code: int, times: dict[str, float]) -> None:
     """At the end of every run, whatever its outcome: ``times.json``, ``report.html`` and the
     MLflow parent run's figures and files. A failure here is reported, never raised: the run's
     own outcome stands."""
@@ -313,7 +315,7 @@ def finish_run(ctx: RunContext, tracking: Tracking | None, succeeded: bool, time
         print(f"warning: report.html not written: {type(err).__name__}: {err}", file=sys.stderr, flush=True)
     if tracking is not None:
         try:
-            close_tracking(tracking, ctx.run_dir, succeeded)
+            close_tracking(tracking, ctx.run_dir, run_status(code))
             print(f"[tune] MLflow: run {tracking.parent_run_id} in experiment {tracking.experiment_name!r} at "
                   f"{tracking.tracking_uri} (open it with: mlflow ui --backend-store-uri {tracking.tracking_uri})",
                   flush=True)

@@ -125,15 +125,18 @@ def mlflow_server(tmp_path):
 
 
 def test_a_run_logs_to_a_tracking_server_on_loopback(tracked_run, mlflow_server, tmp_path):
-    from distributed.tracking import close_tracking, open_tracking
+    from distributed.tracking import close_tracking, open_tracking, run_status
 
     run = tmp_path / "run"
     shutil.copytree(tracked_run[0], run, ignore=shutil.ignore_patterns("mlflow.json", "tune", "best"))
     tracking = open_tracking(mlflow_server, "served", run, {"trials": 2})
     assert json.loads((run / "mlflow.json").read_text())["parent_run_id"] == tracking.parent_run_id
-    assert open_tracking(mlflow_server, "served", run, {}).parent_run_id == tracking.parent_run_id  # a resume
-    close_tracking(tracking, run, succeeded=True)
+    close_tracking(tracking, run, run_status(130))                      # interrupted
     client = mlflow.MlflowClient(mlflow_server)
+    assert client.get_run(tracking.parent_run_id).info.status == "KILLED"
+    assert open_tracking(mlflow_server, "served", run, {}).parent_run_id == tracking.parent_run_id  # a resume
+    assert client.get_run(tracking.parent_run_id).info.status == "RUNNING"
+    close_tracking(tracking, run, run_status(0))
     parent = client.get_run(tracking.parent_run_id)
     assert parent.info.status == "FINISHED" and "ensemble.pixel_auroc" in parent.data.metrics
     assert "fused_hvq_trans_patchcore.image_auroc" in parent.data.metrics
