@@ -35,6 +35,7 @@ import matplotlib
 matplotlib.use("Agg")  # before pyplot: no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 import optuna  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -59,7 +60,7 @@ th, td { border: 1px solid #bbb; padding: 2px 6px; text-align: right; }
 th { background: #eee; }
 td:first-child, th:first-child { text-align: left; }
 tr.kept td { font-weight: bold; background: #eef6ee; }
-img { max-width: 100%; }
+img { max-width: 100%; vertical-align: top; }
 figure { display: inline-block; margin: 0.3em; vertical-align: top; }
 figcaption { font-size: 0.8em; }
 .note { color: #444; font-size: 0.9em; }
@@ -252,6 +253,12 @@ def class_section(run_dir: Path, class_name: str, results: pd.DataFrame, fusion:
 
 
 # ----- per study ---------------------------------------------------------------------------------
+def whole_numbers(ax, first: int, last: int) -> None:
+    """An x axis of epochs or trial numbers: whole-number ticks only, even for a single value."""
+    ax.set_xlim(first - 0.5, last + 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
 def history_figure(study_key: str, history: pd.DataFrame, max_epochs: int | None, start: float) -> str:
     """Validation score against epoch, against trial (in start order) and against wall time; a
     trial that ended before ``max_epochs`` (stopped early) is drawn hollow."""
@@ -272,6 +279,8 @@ def history_figure(study_key: str, history: pd.DataFrame, max_epochs: int | None
     best_so_far = history.groupby("trial_id")[METRIC].max().reindex(order).cummax()
     axes[1].step(range(len(order)), best_so_far.values, where="post", color="C1", label="best so far")
     axes[1].legend(loc="lower right", fontsize=8)
+    whole_numbers(axes[0], 1, max(int(history["epoch"].max()), max_epochs or 1))
+    whole_numbers(axes[1], 0, len(order) - 1)
     for ax, xlabel in zip(axes, ("epoch", "trial (in start order)", "minutes since the search started")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel(METRIC)
