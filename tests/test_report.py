@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -17,12 +18,16 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from chromium import Chromium
+from playwright.sync_api import sync_playwright
 from ensembles.evaluate import gallery_order
 from ensembles.report import importance_view
 from test_distributed import SMALL, run_cli
 
 SERVER_START_S = 90
+BROWSER_TIMEOUT_MS = 60_000
+# as the project's CI machine needs them: as root (no sandbox), no GPU, and no calls home (the
+# network is closed: Chromium's background connections would be refused, many at a time)
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 
 
 @pytest.fixture(scope="module")
@@ -37,22 +42,41 @@ def tracked_run(tmp_path_factory, synthetic_root):
     return run, store, out.stdout
 
 
+def open_in_chromium(url: str, screenshot: Path, script: dict[str, str]) -> tuple[dict, list[str]]:
+    """Open ``url`` in Debian's headless Chromium (driven by Playwright) with a fresh profile; the
+    values of the ``script`` expressions, the console errors, and a full-page screenshot."""
+    chromium = shutil.which("chromium")
+    assert chromium, "no chromium on PATH: apt-get install chromium (.ci/run installs it)"
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
+        browser = playwright.chromium.launch_persistent_context(
+            profile, executable_path=chromium, headless=True, args=CHROMIUM_FLAGS, timeout=BROWSER_TIMEOUT_MS,
+            viewport={"width": 1400, "height": 1000})
+        try:
+            page = browser.new_page()
+            errors: list[str] = []
+            page.on("console", lambda message: errors.append(message.text) if message.type == "error" else None)
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(url, wait_until="load", timeout=BROWSER_TIMEOUT_MS)
+            values = {name: page.evaluate(expression) for name, expression in script.items()}
+            page.screenshot(path=str(screenshot), full_page=True, timeout=BROWSER_TIMEOUT_MS)
+        finally:
+            browser.close()
+    return values, errors
+
+
 def test_the_report_of_a_run_renders_in_chromium(tracked_run, tmp_path):
     run, _, stdout = tracked_run
     report = run / "report.html"
     assert stdout.strip().splitlines()[-2] == f"[tune] report: {report}"   # then the MLflow line
     gallery = json.loads((run / "overlays" / "washer" / "gallery.json").read_text())["images"]
-    with Chromium() as browser:
-        page = browser.page()
-        page.open(report.as_uri())
-        headings = page.evaluate("[...document.querySelectorAll('h2,h3')].map(h => h.id || h.textContent)")
-        tables = page.evaluate("document.querySelectorAll('table').length")
-        rows = page.evaluate("[...document.querySelectorAll('#class-washer ~ table tr')].length")
-        decoded = page.evaluate("Promise.all([...document.images].map(i => i.decode().then("
-                                "() => [i.alt, i.naturalWidth, i.naturalHeight], () => [i.alt, 0, 0])))")
-        errors = page.console_errors()
-        shot = page.screenshot(tmp_path / "report.png")
-        page.close()
+    shot = tmp_path / "report.png"
+    page, errors = open_in_chromium(report.as_uri(), shot, {
+        "headings": "[...document.querySelectorAll('h2,h3')].map(h => h.id || h.textContent)",
+        "tables": "document.querySelectorAll('table').length",
+        "rows": "[...document.querySelectorAll('#class-washer ~ table tr')].length",
+        "decoded": "Promise.all([...document.images].map(i => i.decode().then("
+                   "() => [i.alt, i.naturalWidth, i.naturalHeight], () => [i.alt, 0, 0])))"})
+    headings, tables, rows, decoded = page["headings"], page["tables"], page["rows"], page["decoded"]
     assert {"class-washer", "study-patchcore-washer", "study-hvq_trans-washer", "run", "search"} <= set(headings)
     assert tables >= 7 and rows >= 8      # macro mean, time, weights, settings, class test + validation, trials
     alts = [alt for alt, _, _ in decoded]
