@@ -106,11 +106,16 @@ def trial_histories(tune_dir: str | Path) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=["study", "trial_id", "epoch", METRIC, "timestamp"])
 
 
-def load_study(run_dir: Path, key: str) -> optuna.Study | None:
+def optuna_history(run_dir: Path) -> optuna.storages.BaseStorage | None:
+    """The run's Optuna journal, read once for every study."""
     path = run_dir / OPTUNA_FILE
-    if not path.is_file():
+    return optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path))) \
+        if path.is_file() else None
+
+
+def load_study(storage: optuna.storages.BaseStorage | None, key: str) -> optuna.Study | None:
+    if storage is None:
         return None
-    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(path)))
     try:
         return optuna.load_study(study_name=key, storage=storage)
     except KeyError:  # the study was not searched with Optuna (e.g. a run of distributed.train)
@@ -285,7 +290,7 @@ def history_figure(study_key: str, history: pd.DataFrame, max_epochs: int | None
         ax.set_xlabel(xlabel)
         ax.set_ylabel(METRIC)
         ax.grid(alpha=0.3)
-    stopped_note = "; hollow = stopped early by ASHA" if stopped_any else ""
+    stopped_note = "; hollow = ended before its last epoch (stopped by ASHA, or failed)" if stopped_any else ""
     fig.suptitle(f"{study_key}: validation score{stopped_note}", fontsize=10)
     return figure_uri(fig)
 
@@ -329,13 +334,14 @@ def importance_view(study: optuna.Study | None) -> str:
     return "\n".join(parts)
 
 
-def study_section(run_dir: Path, key: str, history: pd.DataFrame, max_epochs: int | None, start: float) -> str:
+def study_section(study: optuna.Study | None, key: str, history: pd.DataFrame, max_epochs: int | None,
+                  start: float) -> str:
     parts = [f"<h3 id='study-{html.escape(key)}'>Study {html.escape(key)}</h3>"]
     if history.empty:
         parts.append("<p class='note'>no epoch was reported (the trials' Tune folders are not in the run folder)</p>")
     else:
         parts.append(img(history_figure(key, history, max_epochs, start), f"{key} search history"))
-    parts.append(importance_view(load_study(run_dir, key)))
+    parts.append(importance_view(study))
     return "\n".join(parts)
 
 
@@ -347,9 +353,11 @@ def studies_section(run_dir: Path, config: dict, histories: pd.DataFrame, trials
     if not trials.empty:
         counts = trials.groupby(["model", "classes"])["status"].value_counts().unstack(fill_value=0).reset_index()
         parts.append(counts.to_html(index=False, border=0))
+    storage = optuna_history(run_dir)
     for key in keys:
         epochs = specs.get(key, {}).get("recipe", {}).get("epochs")
-        parts.append(study_section(run_dir, key, histories[histories["study"] == key], epochs, start))
+        parts.append(study_section(load_study(storage, key), key, histories[histories["study"] == key], epochs,
+                                   start))
     return "\n".join(parts)
 
 
