@@ -24,12 +24,15 @@ import pandas as pd
 
 from distributed.cli import CliError
 from distributed.studies import STUDY_KEY
+from ensembles.evaluate import RESULTS_FILE, RESULTS_MARKDOWN
+from ensembles.report import REPORT_FILE
 from ensembles.run_folder import BEST_INDEX_FILE, TRIALS_FILE
 
 MLFLOW_FILE = "mlflow.json"
 CONNECT_TIMEOUT_S = 10.0  # MLflow's own client retries an unreachable server for minutes
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag: the UI nests a run under its parent
-ARTIFACTS = ("results.csv", "results.md", "report.html", TRIALS_FILE, BEST_INDEX_FILE)
+SQLITE = "sqlite:///"
+ARTIFACTS = (RESULTS_FILE, RESULTS_MARKDOWN, REPORT_FILE, TRIALS_FILE, BEST_INDEX_FILE)
 SUMMARY_METRICS = ("image_auroc", "pixel_auroc", "aupro")
 
 
@@ -67,15 +70,13 @@ def metric_key(member: str, metric: str) -> str:
 def artifact_location(uri: str) -> str | None:
     """For a local ``sqlite:///`` store, artifacts in ``mlartifacts/`` beside the database (else
     MLflow puts them under whatever folder the run started in); a server decides for itself."""
-    prefix = "sqlite:///"
-    return (Path(uri[len(prefix):]).parent / "mlartifacts").as_uri() if uri.startswith(prefix) else None
+    return (Path(uri[len(SQLITE):]).parent / "mlartifacts").as_uri() if uri.startswith(SQLITE) else None
 
 
 def absolute_uri(uri: str) -> str:
     """A relative ``sqlite:///`` path made absolute: trials log from the driver, which may run elsewhere."""
-    prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
-        return prefix + str(Path(uri[len(prefix):]).resolve())
+    if uri.startswith(SQLITE) and not uri.startswith(SQLITE + "/"):
+        return SQLITE + str(Path(uri[len(SQLITE):]).resolve())
     return uri
 
 
@@ -134,7 +135,7 @@ def run_status(exit_code: int) -> str:
 def close_tracking(tracking: Tracking, run_dir: Path, status: str) -> None:
     """Macro test figures and the run's files on the parent run, which is then ended with ``status``."""
     client = tracking.client()
-    results = run_dir / "results.csv"
+    results = run_dir / RESULTS_FILE
     if results.is_file():
         frame = pd.read_csv(results)
         for _, row in frame[frame["class"] == "mean"].iterrows():

@@ -39,6 +39,9 @@ from models.training import score_outputs
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1max", "pixel_f1max")
 VAL_METRICS = ("val_image_auroc", "val_pixel_auroc")
 ENSEMBLE = "ensemble"
+RESULTS_FILE = "results.csv"
+RESULTS_MARKDOWN = "results.md"
+OVERLAY_DIR = "overlays"
 GALLERY_FILE = "gallery.json"  # overlays/<class>/: the pictures in order, their verdicts and scores
 
 
@@ -93,7 +96,7 @@ def gallery_order(labels: np.ndarray, scores: np.ndarray, threshold: float, defe
     """Up to ``size`` test images to show, each with its verdict at ``threshold``: the worst
     misses first (missed defects from the lowest score up, then false alarms from the highest
     score down), then one caught image per defect kind and one normal."""
-    flagged = scores > threshold
+    flagged = scores >= threshold  # as Ensemble.predict decides
     verdicts = [VERDICTS[int(label), bool(flag)] for label, flag in zip(labels, flagged)]
     missed = sorted((i for i, v in enumerate(verdicts) if v == "missed"), key=lambda i: scores[i])
     false_alarms = sorted((i for i, v in enumerate(verdicts) if v == "false_alarm"), key=lambda i: -scores[i])
@@ -208,10 +211,10 @@ def evaluate_ensemble(ens: Ensemble, dataset: str, root, classes: list[str] | No
     for name in wanted:
         if not per_class[name].test:
             raise DatasetError(f"class {name!r} has no test image under {root}")
-        rows += evaluate_class(ens, name, per_class[name].test, pixel_resolution, out_dir / "overlays", overlays)
+        rows += evaluate_class(ens, name, per_class[name].test, pixel_resolution, out_dir / OVERLAY_DIR, overlays)
     frame = add_mean_rows(pd.DataFrame(rows))
-    frame.to_csv(out_dir / "results.csv", index=False)
-    (out_dir / "results.md").write_text(markdown(frame, pixel_resolution, class_notes(ens, frame)))
+    frame.to_csv(out_dir / RESULTS_FILE, index=False)
+    (out_dir / RESULTS_MARKDOWN).write_text(markdown(frame, pixel_resolution, class_notes(ens, frame)))
     return frame
 
 

@@ -42,14 +42,12 @@ import pandas as pd  # noqa: E402
 from anomaly_data.storage import is_file, is_uri, join, read_bytes, subfolders  # noqa: E402
 from ensembles.ensemble import CONFIG_FILE as ENSEMBLE_FILE  # noqa: E402
 from ensembles.ensemble import FusionChoice  # noqa: E402
-from ensembles.evaluate import ENSEMBLE, GALLERY_FILE, METRICS  # noqa: E402
+from ensembles.evaluate import ENSEMBLE, GALLERY_FILE, METRICS, OVERLAY_DIR, RESULTS_FILE  # noqa: E402
 from ensembles.fit import ABLATION_PREFIX  # noqa: E402
 from ensembles.run_folder import (CONFIG_FILE, ENSEMBLE_DIR, OPTUNA_FILE, PROGRESS_FILE, TIMES_FILE,  # noqa: E402
                                   TRIALS_FILE, TUNE_DIR)
 
 REPORT_FILE = "report.html"
-RESULTS_FILE = "results.csv"
-OVERLAY_DIR = "overlays"
 FEW_TRIALS = 10  # below this many finished trials a study's importances are mostly noise
 METRIC = "val_score"
 
@@ -223,7 +221,8 @@ def fusion_summary(fusion: dict) -> str:
 
 def validation_table(fusion: dict) -> str:
     rows = [{"member": r["name"], "val image AUROC": r.get("image_auroc"), "val pixel AUROC": r.get("pixel_auroc"),
-             "val score": r.get("val_score"), "held-out kinds": r.get("held_out")} for r in fusion.get("validation", [])]
+             "val score": r.get("val_score"), "held-out kinds": r.get("held_out")}
+            for r in fusion.get("validation", [])]
     return pd.DataFrame(rows).to_html(index=False, border=0, float_format=lambda x: f"{x:.3f}", na_rep="-")
 
 
@@ -376,7 +375,8 @@ def write_report(run_dir: Path | str) -> Path:
     classes = config.get("classes", [])
     nav = "".join(f"<a href='#class-{html.escape(c)}'>{html.escape(c)}</a>" for c in classes)
     body = [f"<h1>Run {html.escape(run_dir.resolve().name)}</h1>",
-            f"<p class='note'>written {time.strftime('%Y-%m-%d %H:%M:%S')} from {html.escape(str(run_dir.resolve()))}</p>",
+            f"<p class='note'>written {time.strftime('%Y-%m-%d %H:%M:%S')} from "
+            f"{html.escape(str(run_dir.resolve()))}</p>",
             f"<nav><a href='#run'>the run</a>{nav}<a href='#search'>the search</a></nav>"]
     if not results.empty:
         mean = results[results["class"] == "mean"]
