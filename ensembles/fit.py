@@ -32,12 +32,13 @@ import functools
 import itertools
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ensembles.confidence import RESAMPLES, confidence_ahead, per_image_counts
 from ensembles.ensemble import ClassFusion, FusionChoice, run_members
 from ensembles.fusion import QuantileNormalizer, RankTable, blur, fuse_maps
 from models.training import score_outputs
@@ -46,6 +47,7 @@ from ensembles.metrics import f1_threshold, image_auroc, pixel_auroc, validation
 SIGMAS = (0.0, 1 / 32)             # blur sigma as a fraction of the side
 FUSED_RULES = ("mean", "max", "rank_mean")
 FUSION_MARGIN = 0.005              # held-out AUROC a fusion must gain over the best member alone
+CONFIDENCE = 0.95                  # ... in at least this share of redraws of the validation images
 THRESHOLD_MARGIN = 0.02            # held-out F1 the F1-optimal threshold must gain over the default
 MAX_RANK_SAMPLES = 2_000_000
 ABLATION_PREFIX = "fused:"
@@ -69,15 +71,32 @@ def _quiet(fn, *args) -> float:
         return float(fn(*args))
 
 
-def defect_groups(defects: list[str], labels: np.ndarray) -> list[np.ndarray]:
-    """Boolean masks over the validation set, one per defect kind (two alternating folds when the
-    set has only one kind), each with every normal image included."""
+@dataclass
+class Cells:
+    """The validation set cut for held-out estimates: cell ``k`` is every normal image with the
+    defects of kind ``k`` (two alternating folds of the defects when there is one kind); a cell's
+    candidate is chosen on its ``folds`` entry, the other kinds. (Splitting the normals between
+    choice and scoring as well was measured: with 3 normals a side, the estimates got noisier and
+    the selection worse on the surfaces family.)"""
+
+    masks: list[np.ndarray]
+    folds: list[list[int]]
+
+    @property
+    def everyone(self) -> list[int]:
+        return list(range(len(self.masks)))
+
+
+def validation_cells(defects: list[str], labels: np.ndarray) -> Cells:
     normal = labels == 0
     kinds = sorted({d for d, y in zip(defects, labels) if y == 1})
     if len(kinds) >= 2:
-        return [normal | np.array([d == k for d in defects]) for k in kinds]
-    defective = np.flatnonzero(labels == 1)
-    return [normal | np.isin(np.arange(len(labels)), defective[i::2]) for i in range(2)]
+        parts = [np.array([d == k and y == 1 for d, y in zip(defects, labels)]) for k in kinds]
+    else:
+        defective = np.flatnonzero(labels == 1)
+        parts = [np.isin(np.arange(len(labels)), defective[i::2]) for i in range(2)]
+    n = len(parts)
+    return Cells([normal | part for part in parts], [[j for j in range(n) if j != k] for k in range(n)])
 
 
 @dataclass
@@ -85,7 +104,7 @@ class Candidate:
     """One way to make a map (``rule``, ``sigma``) or an image score (``image_rule``) from members."""
 
     used: list[str]
-    per_group: np.ndarray        # the metric on each defect group (pixel AUROC of a map, image AUROC of a score)
+    per_group: np.ndarray        # the metric on each validation cell (pixel AUROC of a map, image AUROC of a score)
     overall: float               # the metric on the whole validation set
     tie: float = 0.0             # second key among equal candidates (higher is better)
     rule: str = "mean"
@@ -94,14 +113,18 @@ class Candidate:
     scores: np.ndarray = field(default=None, repr=False)   # image scores on the validation set
 
 
-def choose(candidates: list[Candidate], groups: list[int]) -> Candidate:
-    """The candidate with the best mean metric over ``groups`` (ties: ``tie``, then fewer members, listed first)."""
-    return max(candidates, key=lambda c: (round(float(c.per_group[groups].mean()), 12), round(c.tie, 12), -len(c.used)))
+def choose(candidates: list[Candidate], cells: list[int]) -> Candidate:
+    """The candidate with the best mean metric over ``cells`` (ties: ``tie``, then fewer members, listed first)."""
+    return max(candidates, key=lambda c: (round(float(c.per_group[cells].mean()), 12), round(c.tie, 12), -len(c.used)))
 
 
-def held_out_estimate(candidates: list[Candidate], n_groups: int) -> float:
-    """Mean over groups of the held-out score of the candidate chosen on the other groups."""
-    picks = [choose(candidates, [j for j in range(n_groups) if j != k]) for k in range(n_groups)]
+def held_out_picks(candidates: list[Candidate], cells: Cells) -> list[Candidate]:
+    """For each cell, the candidate chosen on its fold (other normals, other kinds)."""
+    return [choose(candidates, fold) for fold in cells.folds]
+
+
+def held_out_estimate(picks: list[Candidate]) -> float:
+    """Mean over cells of the held-out score of the candidate chosen without them."""
     return float(np.mean([p.per_group[k] for k, p in enumerate(picks)]))
 
 
@@ -112,38 +135,57 @@ class Selection:
     reason: str
     held_default: float          # held-out estimate of the robust default
     held_other: float            # of the best other procedure
+    confidence: float            # share of validation redraws in which that procedure is ahead of the default
 
 
-def select(candidates: list[Candidate], names: list[str], n_groups: int, what: str,
-           anchors: list[str]) -> Selection:
+def select(candidates: list[Candidate], names: list[str], cells: Cells, what: str,
+           anchors: list[str], counts_of: Callable[[Candidate], tuple[np.ndarray, np.ndarray]],
+           labels: np.ndarray) -> Selection:
     """The robust default (the best of the ``anchors`` alone: members fitted, not trained, when
     there are any, else every member alone), unless another procedure beats it on held-out
-    kinds by ``FUSION_MARGIN``: one member alone, all members fused, or any subset fused."""
-    everyone = list(range(n_groups))
+    kinds by ``FUSION_MARGIN`` and does so in at least ``CONFIDENCE`` of the redraws of the
+    validation images (``counts_of`` gives a candidate's per-image histograms for them): one
+    member alone, all members fused, or any subset fused."""
+    everyone = cells.everyone
     default = [c for c in candidates if len(c.used) == 1 and c.used[0] in anchors]
-    held_default = held_out_estimate(default, n_groups)
+    default_picks = held_out_picks(default, cells)
+    held_default = held_out_estimate(default_picks)
     families = {"one member": [c for c in candidates if len(c.used) == 1],
                 "all members": [c for c in candidates if sorted(c.used) == sorted(names)],
                 "any subset of members": candidates}
-    held = {family: held_out_estimate(cs, n_groups) for family, cs in families.items() if cs}
+    picks = {family: held_out_picks(cs, cells) for family, cs in families.items() if cs}
+    held = {family: held_out_estimate(p) for family, p in picks.items()}
     order = list(families)  # ties: the simpler procedure
     family = max(held, key=lambda f: (round(held[f], 12), -order.index(f)))
+    confidence = 0.0
+    if held[family] >= held_default + FUSION_MARGIN:
+        counted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+        def counts(cs: list[Candidate]) -> list[tuple[np.ndarray, np.ndarray]]:
+            for c in cs:
+                if id(c) not in counted:
+                    counted[id(c)] = counts_of(c)
+            return [counted[id(c)] for c in cs]
+        confidence = confidence_ahead(counts(picks[family]), counts(default_picks), labels, cells.masks)
     kept = choose(default, everyone)
     reason = (f"{what}: {kept.used[0]} kept (the robust default), no other procedure beats its "
-              f"{held_default:.3f} on held-out defect kinds by {FUSION_MARGIN} (best: {family}, {held[family]:.3f})")
-    if held[family] >= held_default + FUSION_MARGIN:
+              f"{held_default:.3f} on held-out defect kinds by {FUSION_MARGIN} in {CONFIDENCE:.0%} of "
+              f"{RESAMPLES} redraws of the validation images (best: {family}, {held[family]:.3f}, "
+              f"ahead in {confidence:.0%})")
+    if confidence >= CONFIDENCE:
         kept = choose(families[family], everyone)
         reason = (f"{what}: {family} ({'+'.join(kept.used)}) kept, held-out defect kinds {held[family]:.3f} "
-                  f"vs the robust default's {held_default:.3f}")
-    return Selection(kept, len(kept.used) > 1, reason, held_default, held[family])
+                  f"vs the robust default's {held_default:.3f}, ahead in {confidence:.0%} of {RESAMPLES} "
+                  f"redraws of the validation images")
+    return Selection(kept, len(kept.used) > 1, reason, held_default, held[family], confidence)
 
 
 class CandidateScorer:
     """Scores map and image-score candidates on the validation set, per defect group and in total."""
 
-    def __init__(self, names, norm_maps, norm_scores, ranks, masks, labels, groups):
+    def __init__(self, names, norm_maps, norm_scores, ranks, masks, labels, cells: Cells):
         self.names, self.norm_maps, self.norm_scores, self.ranks = names, norm_maps, norm_scores, ranks
-        self.masks, self.labels, self.groups = masks, labels, groups
+        self.masks, self.labels, self.groups = masks, labels, cells.masks
 
     def fused_map(self, used: list[str], rule: str, sigma: float) -> torch.Tensor:
         idx = [self.names.index(m) for m in used]
@@ -174,6 +216,14 @@ class CandidateScorer:
         scores = torch.einsum("m,mb->b", torch.tensor(self.weights(used)), self.norm_scores).numpy()
         return self.image_candidate(used, scores, "member_mix", tie)
 
+    def map_counts(self, c: Candidate) -> tuple[np.ndarray, np.ndarray]:
+        """Per-image histograms of a map candidate's defective and normal pixels (for redraws)."""
+        return per_image_counts(self.fused_map(c.used, c.rule, c.sigma)[:, 0].numpy(), self.masks)
+
+    def score_counts(self, c: Candidate) -> tuple[np.ndarray, np.ndarray]:
+        """The same for an image-score candidate: one value per image."""
+        return per_image_counts(c.scores[:, None], self.labels[:, None] == 1)
+
     def map_max(self, kept_map: Candidate, tie: float) -> Candidate:
         return self.image_candidate(kept_map.used, kept_map.scores, "map_max", tie)
 
@@ -196,23 +246,22 @@ def ablation_sets(names: list[str], seed_members: list[str]) -> dict[str, list[s
     return sets
 
 
-def choose_threshold(scores: np.ndarray, labels: np.ndarray, groups: list[np.ndarray]) -> tuple[float, str]:
-    """F1-optimal threshold, or the robust default (highest normal score) when F1 does not transfer."""
-    default = float(scores[labels == 0].max()) + 1e-6
-    if len(groups) < 2:
-        return f1_threshold(scores, labels), "f1"
+def choose_threshold(scores: np.ndarray, labels: np.ndarray, cells: Cells) -> tuple[float, str]:
+    """F1-optimal threshold, or the robust default (just above the highest normal score) when, chosen
+    on each cell's fold, F1 does not transfer to the cell."""
+    def above_normals(chosen_on: np.ndarray) -> float:
+        return float(scores[chosen_on & (labels == 0)].max(initial=-np.inf)) + 1e-6
+
     f1_held, default_held = [], []
-    for k, g in enumerate(groups):
-        rest = np.zeros_like(g)
-        for j, other in enumerate(groups):
-            if j != k:
-                rest |= other
-        t = f1_threshold(scores[rest], labels[rest])
-        f1_held.append(f1_at(scores[g], labels[g], t))
-        default_held.append(f1_at(scores[g], labels[g], default))
+    for cell, fold in zip(cells.masks, cells.folds):
+        rest = np.logical_or.reduce([cells.masks[j] for j in fold]) if fold else ~cell
+        if not (rest & (labels == 1)).any() or not (rest & (labels == 0)).any():
+            return f1_threshold(scores, labels), "f1"
+        f1_held.append(f1_at(scores[cell], labels[cell], f1_threshold(scores[rest], labels[rest])))
+        default_held.append(f1_at(scores[cell], labels[cell], above_normals(rest)))
     if np.mean(f1_held) >= np.mean(default_held) + THRESHOLD_MARGIN:
         return f1_threshold(scores, labels), "f1"
-    return default, "max_normal"
+    return above_normals(np.ones_like(labels, dtype=bool)), "max_normal"
 
 
 def fit_class_fusion(class_name: str, models: dict[str, Any], member_files: dict[str, str], validation,
@@ -243,9 +292,9 @@ def fit_class_fusion(class_name: str, models: dict[str, Any], member_files: dict
             flat = rng.choice(flat, MAX_RANK_SAMPLES, replace=False)
         ranks[m] = RankTable.fit(flat)
 
-    groups = defect_groups(list(validation.defects), labels)
-    n_groups, everyone = len(groups), list(range(len(groups)))
-    scorer = CandidateScorer(names, norm_maps, norm_scores, ranks, masks_np, labels, groups)
+    cells = validation_cells(list(validation.defects), labels)
+    everyone = cells.everyone
+    scorer = CandidateScorer(names, norm_maps, norm_scores, ranks, masks_np, labels, cells)
     maps_of: dict[tuple[str, ...], list[Candidate]] = {
         tuple(used): [scorer.map_candidate(used, rule, sigma)
                       for rule in (FUSED_RULES if len(used) > 1 else ("mean",)) for sigma in SIGMAS]
@@ -263,11 +312,11 @@ def fit_class_fusion(class_name: str, models: dict[str, Any], member_files: dict
     # fitted the validation defects' look; measured, the trained members' validation ranks did
     # not carry over to other defects (python -m bench.peers on the surfaces family)
     anchors = [m for m in names if not models[m].trains] or names
-    map_pick = select(all_maps, names, n_groups, "map", anchors)
+    map_pick = select(all_maps, names, cells, "map", anchors, scorer.map_counts, labels)
     image_candidates = [c for used in member_subsets(names) for c in image_options(used, map_pick.kept)]
-    image_pick = select(image_candidates, names, n_groups, "image score", anchors)
+    image_pick = select(image_candidates, names, cells, "image score", anchors, scorer.score_counts, labels)
     kept_map, kept_image = map_pick.kept, image_pick.kept
-    threshold, threshold_rule = choose_threshold(kept_image.scores, labels, groups)
+    threshold, threshold_rule = choose_threshold(kept_image.scores, labels, cells)
 
     def row(name: str, map_c: Candidate, image_c: Candidate) -> dict[str, Any]:
         per_group = (map_c.per_group + image_c.per_group) / 2
@@ -293,6 +342,7 @@ def fit_class_fusion(class_name: str, models: dict[str, Any], member_files: dict
                    "reason": f"{map_pick.reason}; {image_pick.reason}",
                    "held_out_default": [map_pick.held_default, image_pick.held_default],   # [map, image score]
                    "held_out_other": [map_pick.held_other, image_pick.held_other],
+                   "confidence": [map_pick.confidence, image_pick.confidence],
                    "threshold_rule": threshold_rule})
 
     choice = scorer.choice(kept_map, kept_image)

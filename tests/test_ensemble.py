@@ -135,6 +135,72 @@ def test_the_fitted_member_is_the_default_that_others_must_beat_by_a_margin():
     assert fusion.choice.weights[0] > 0 and "one member (trained) kept" in fusion.validation[-1]["reason"]
 
 
+class OtherNoise(Probe):
+    """A member that sees nothing, with noise of its own (not the ``noise`` probe's)."""
+
+    def map_of(self, images):
+        return Probe.map_of(self, images.flip(-1))
+
+
+def test_a_lead_the_validation_redraws_do_not_confirm_keeps_the_default():
+    from ensembles.fit import CONFIDENCE, FUSION_MARGIN
+
+    val = constructed_set(n=24, seed=5)
+    val.defects = ["good"] * 12 + ["kind_a", "kind_b"] * 6
+    models = {"trained": OtherNoise(ProbeConfig("noise")), "fitted": Fitted(ProbeConfig("noise"))}
+    fusion = fit_class_fusion("c", models, {m: f"{m}.pt" for m in models}, val, 32)
+    report = fusion.validation[-1]
+    image_default, image_other = report["held_out_default"][1], report["held_out_other"][1]
+    # two members that see nothing: the trained one's image score leads on held-out kinds by far
+    # more than the margin, by chance, and the redraws of the validation images say so
+    assert image_other >= image_default + FUSION_MARGIN
+    assert report["confidence"][1] < CONFIDENCE
+    assert fusion.members_used == ["fitted"], report["reason"]
+    assert f"ahead in {report['confidence'][1]:.0%}" in report["reason"]
+
+
+def test_the_redraws_confirm_a_real_lead_and_not_a_chance_one():
+    from ensembles.confidence import confidence_ahead, per_image_counts
+
+    rng = np.random.default_rng(0)
+
+    def counts(scores, labels):
+        return per_image_counts(scores[:, None], labels[:, None] == 1)
+
+    def case(n_normal, n_defect, lift_a, lift_b):
+        labels = np.r_[np.zeros(n_normal), np.ones(2 * n_defect)].astype(int)
+        groups = [labels == 0, labels == 0]
+        groups[0][n_normal:n_normal + n_defect] = True
+        groups[1][n_normal + n_defect:] = True
+        a = rng.normal(size=len(labels)) + lift_a * labels
+        b = rng.normal(size=len(labels)) + lift_b * labels
+        return confidence_ahead([counts(a, labels)] * 2, [counts(b, labels)] * 2, labels, groups)
+
+    assert case(400, 200, 1.0, 0.5) > 0.99      # a real lead, many images: confirmed
+    # two equally good members: a 95 % rule passes a chance lead about one time in twenty
+    assert sum(case(12, 12, 1.0, 1.0) >= 0.95 for _ in range(20)) <= 3
+    same = rng.normal(size=30)
+    labels = (np.arange(30) >= 15).astype(int)
+    groups = [np.ones(30, bool)]
+    assert confidence_ahead([counts(same, labels)], [counts(same, labels)], labels, groups) == 0.0
+
+
+def test_binned_auroc_matches_the_exact_one():
+    from ensembles.confidence import auroc_of_counts, per_image_counts
+    from ensembles.metrics import image_auroc
+
+    rng = np.random.default_rng(3)
+    maps = rng.normal(size=(16, 24, 24))
+    masks = np.zeros(maps.shape, bool)
+    masks[8:, 4:12, 4:12] = True
+    maps[masks] += 0.7
+    pos, neg = per_image_counts(maps, masks)
+    assert abs(auroc_of_counts(pos.sum(0), neg.sum(0)) - pixel_auroc(maps, masks)) < 1e-3
+    scores, labels = rng.normal(size=40), (np.arange(40) % 3 == 0).astype(int)
+    pos, neg = per_image_counts(scores[:, None], labels[:, None] == 1)
+    assert auroc_of_counts(pos.sum(0), neg.sum(0)) == pytest.approx(image_auroc(scores, labels), abs=1e-12)
+
+
 def test_normalisation_makes_scale_irrelevant():
     val = constructed_set(seed=2)
     a = {"p": Probe(ProbeConfig("perfect")), "n": Probe(ProbeConfig("noise"))}
