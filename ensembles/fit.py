@@ -157,7 +157,7 @@ def select(candidates: list[Candidate], names: list[str], cells: Cells, what: st
     held = {family: held_out_estimate(p) for family, p in picks.items()}
     order = list(families)  # ties: the simpler procedure
     family = max(held, key=lambda f: (round(held[f], 12), -order.index(f)))
-    confidence = 0.0
+    confidence, verdict = 0.0, "within the margin"
     if held[family] >= held_default + FUSION_MARGIN:
         counted: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
@@ -167,11 +167,11 @@ def select(candidates: list[Candidate], names: list[str], cells: Cells, what: st
                     counted[id(c)] = counts_of(c)
             return [counted[id(c)] for c in cs]
         confidence = confidence_ahead(counts(picks[family]), counts(default_picks), labels, cells.masks)
+        verdict = f"ahead in {confidence:.0%}"
     kept = choose(default, everyone)
     reason = (f"{what}: {kept.used[0]} kept (the robust default), no other procedure beats its "
               f"{held_default:.3f} on held-out defect kinds by {FUSION_MARGIN} in {CONFIDENCE:.0%} of "
-              f"{RESAMPLES} redraws of the validation images (best: {family}, {held[family]:.3f}, "
-              f"ahead in {confidence:.0%})")
+              f"{RESAMPLES} redraws of the validation images (best: {family}, {held[family]:.3f}, {verdict})")
     if confidence >= CONFIDENCE:
         kept = choose(families[family], everyone)
         reason = (f"{what}: {family} ({'+'.join(kept.used)}) kept, held-out defect kinds {held[family]:.3f} "
