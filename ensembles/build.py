@@ -8,7 +8,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from anomaly_data import prepare_splits
+from torch.utils.data import DataLoader
+
+from anomaly_data import load_records, prepare_splits, read_dataset
 from ensembles.ensemble import Ensemble, EnsembleError
 from ensembles.evaluate import evaluate_ensemble, format_results
 from ensembles.fit import fit_class_fusion
@@ -16,6 +18,7 @@ from ensembles.run_folder import ENSEMBLE_DIR, group_key
 from models import load_model
 
 FUSION_DEFECTS = 6  # defective copies per held-out normal in the set the fusion is fitted on
+REFIT_DIR = "members"  # under the ensemble folder: fitted members refitted on every training normal
 
 
 def members_for_class(index: list[dict], class_name: str) -> dict[str, dict]:
@@ -37,6 +40,20 @@ def member_reference(checkpoint: Path, out_dir: Path, model: str, classes: list[
     if checkpoint.resolve().is_relative_to(run_dir):
         return Path(os.path.relpath(checkpoint.resolve(), out_dir.resolve())).as_posix()
     return f"members/{model}/{group_key(classes)}.pt"
+
+
+def refit_on_every_normal(net, dataset: str, root, class_name: str, seed: int, skip_bad_images: bool) -> int:
+    """Refit a member that is fitted, not trained (a memory bank), on every training normal of
+    the class, the held-out validation normals included; returns how many it saw.
+
+    Called once the fusion is chosen: the normalisers and threshold were fitted on the
+    validation normals' scores against the bank without them. Measured on the surfaces family
+    with 60 normals a class, a bank of 48 gave PatchCore 2 points less image AUROC than one of
+    60 (0.959 against 0.980, the latter level with anomalib's, which sees all 60)."""
+    records = read_dataset(dataset, Path(root), [class_name], seed)[class_name].train
+    normals = load_records(records, [class_name], net.config.image_size, skip_bad_images)
+    net.fit_statistics(DataLoader(normals, batch_size=8))
+    return len(normals)
 
 
 def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], out_dir, seed: int = 0,
@@ -64,6 +81,15 @@ def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], ou
         trained = [m for m, net in models.items() if net.trains]  # the ablation "trained members only"
         fusions[class_name] = fit_class_fusion(class_name, models, files, splits.validation, resolution, device,
                                                seed_members=trained)
+        for model, net in models.items():
+            if not net.trains and entries[model]["classes"] == [class_name]:
+                refit_on_every_normal(net, dataset, root, class_name, seed, skip_bad_images)
+                rel = f"{REFIT_DIR}/{model}/{group_key([class_name])}.pt"
+                (Path(out_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
+                net.save(Path(out_dir) / rel)
+                loaded[rel], sources[rel] = loaded.pop(files[model]), Path(out_dir) / rel
+                del sources[files[model]]
+                fusions[class_name].member_files[model] = rel
     ensemble = Ensemble(fusions, loaded, device=device, data={"seed": seed, "val_fraction": val_fraction})
     ensemble.save(out_dir, sources)
     return ensemble

@@ -8,7 +8,10 @@
                                     each member's file, relative to this folder: the run's
                                     ../best/<model>/<classes>/model.pt (one copy, keep the run
                                     folder together), or a copy under members/ for an ensemble
-                                    saved outside the run folder of its members
+                                    saved outside the run folder of its members; a member that
+                                    is fitted, not trained (the memory bank), is refitted on every
+                                    training normal once the fusion is chosen and saved under
+                                    members/<model>/<class>.pt
 
 >>> from ensembles import Ensemble
 >>> ens = Ensemble.load("runs/demo/ensemble")

@@ -428,9 +428,14 @@ def test_every_model_runs_at_its_paper_preset_to_the_ensemble_table(tmp_path):
         saved = torch.load(run / "best" / model / "brick" / "model.pt", weights_only=False)
         assert not set(saved["state_dict"]) & net.frozen_state_keys()   # no frozen tensor was written
     ensemble = json.loads((run / "ensemble" / "ensemble.json").read_text())
-    files = [f for c in ensemble["classes"].values() for f in c["member_files"].values()]
-    assert files and all(f.startswith("../best/") for f in files)      # one copy, referred to
-    assert not (run / "ensemble" / "members").exists()
+    files = {m: f for c in ensemble["classes"].values() for m, f in c["member_files"].items()}
+    # trained members: one copy, referred to; the memory bank: refitted on every training normal
+    assert files and all(f.startswith("../best/") for m, f in files.items() if m != "patchcore")
+    if "patchcore" in files:
+        assert files["patchcore"] == "members/patchcore/brick.pt"
+        assert len(load_model(run / "ensemble" / files["patchcore"]).memory_bank) > \
+            len(load_model(run / "best" / "patchcore" / "brick" / "model.pt").memory_bank)
+    assert {f.parent.name for f in (run / "ensemble").rglob("*.pt")} <= {"patchcore"}
     assert not list((run / "tune").rglob("checkpoint_*"))             # finished studies keep best/ only
 
 
