@@ -123,7 +123,8 @@ def restore_args(argv) -> argparse.Namespace:
         config = join(parse_location(args.resume), CONFIG_FILE)
         if not is_file(config):
             raise CliError(f"--resume {args.resume}: no config.json there (is it a run folder of distributed.tune?)")
-        recorded = json.loads(read_bytes(config)).get("args")
+        written = json.loads(read_bytes(config))
+        recorded = written.get("args")
     except StorageError as err:
         raise CliError(f"--resume: {err}") from None
     if recorded is None:
@@ -131,6 +132,10 @@ def restore_args(argv) -> argparse.Namespace:
     resumed = parse_args([])
     for key, value in recorded.items():
         setattr(resumed, key, value)
+    if not resumed.classes and written.get("classes"):
+        # the classes the run resolved, not those found now (the demo's root is recorded
+        # resolved, and its folder or a dataset may hold more classes by now)
+        resumed.classes = ",".join(written["classes"])
     resumed.resume, resumed.run_dir = args.resume, args.resume
     if args.address is not None:
         resumed.address = args.address  # the cluster may have a new address after a restart

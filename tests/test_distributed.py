@@ -182,6 +182,23 @@ def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
     assert (run / "best" / "hvq_trans" / "pill" / "model.pt").is_file()
 
 
+def test_a_resume_keeps_the_classes_the_run_resolved(tmp_path, synthetic_root):
+    """The demo records its data folder resolved and no --classes: a resume must not take up
+    every class that folder holds by then (it tuned two)."""
+    from distributed.tune import restore_args
+
+    run = tmp_path / "run"
+    run.mkdir()
+    recorded = vars(restore_args(["--dataset", "synthetic"]))
+    recorded.update(root=str(synthetic_root), classes=None, run_dir=str(run))
+    (run / "config.json").write_text(json.dumps({"command": "tune", "args": recorded, "dataset": "synthetic",
+                                                 "root": str(synthetic_root), "classes": ["brick", "washer"]}))
+    assert restore_args(["--resume", str(run)]).classes == "brick,washer"
+    recorded["classes"] = "washer"      # an explicit --classes is kept as given
+    (run / "config.json").write_text(json.dumps({"command": "tune", "args": recorded, "classes": ["washer"]}))
+    assert restore_args(["--resume", str(run)]).classes == "washer"
+
+
 AFTER_RAY_STARTS = object()
 
 
