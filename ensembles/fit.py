@@ -16,8 +16,10 @@ is judged on a kind it was *not* chosen on:
    scored on the held-out kind; the mean of those held-out scores estimates how a selection
    procedure ("one member", "all members fused", "any subset fused") does on defects it never saw;
 5. for the map and for the image score alike, a fusion is kept only when its procedure's
-   held-out estimate beats the one-member procedure (the robust default) by ``FUSION_MARGIN``;
-   otherwise that half of the ensemble is the best member's, and the report says so;
+   held-out estimate beats the robust default (the member fitted, not trained) by
+   ``FUSION_MARGIN`` and the validation images confirm it: redrawn with replacement
+   (``ensembles/confidence.py``), the procedure must be ahead in ``CONFIDENCE`` of the redraws;
+   otherwise that half of the ensemble is the default's, and the report says so;
 6. the image threshold: the F1-optimal one is kept only when, chosen on the other kinds, it beats
    the robust default (the highest validation-normal score) in held-out F1; otherwise the default.
 
@@ -119,7 +121,7 @@ def choose(candidates: list[Candidate], cells: list[int]) -> Candidate:
 
 
 def held_out_picks(candidates: list[Candidate], cells: Cells) -> list[Candidate]:
-    """For each cell, the candidate chosen on its fold (other normals, other kinds)."""
+    """For each cell, the candidate chosen on its fold (the other kinds)."""
     return [choose(candidates, fold) for fold in cells.folds]
 
 
