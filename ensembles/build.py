@@ -18,7 +18,12 @@ from ensembles.run_folder import ENSEMBLE_DIR, group_key
 from models import load_model
 
 FUSION_DEFECTS = 6  # defective copies per held-out normal in the set the fusion is fitted on
-REFIT_DIR = "members"  # under the ensemble folder: fitted members refitted on every training normal
+MEMBERS_DIR = "members"  # under the ensemble folder: copies of members, and memory banks refitted on every normal
+
+
+def member_copy(model: str, classes: list[str]) -> str:
+    """A member file of the ensemble's own, relative to its folder."""
+    return f"{MEMBERS_DIR}/{model}/{group_key(classes)}.pt"
 
 
 def members_for_class(index: list[dict], class_name: str) -> dict[str, dict]:
@@ -39,7 +44,7 @@ def member_reference(checkpoint: Path, out_dir: Path, model: str, classes: list[
     run_dir = out_dir.resolve().parent
     if checkpoint.resolve().is_relative_to(run_dir):
         return Path(os.path.relpath(checkpoint.resolve(), out_dir.resolve())).as_posix()
-    return f"members/{model}/{group_key(classes)}.pt"
+    return member_copy(model, classes)
 
 
 def refit_on_every_normal(net, dataset: str, root, class_name: str, seed: int, skip_bad_images: bool) -> int:
@@ -84,7 +89,7 @@ def build_ensemble(index: list[dict], dataset: str, root, classes: list[str], ou
         for model, net in models.items():
             if not net.trains and entries[model]["classes"] == [class_name]:
                 refit_on_every_normal(net, dataset, root, class_name, seed, skip_bad_images)
-                rel = f"{REFIT_DIR}/{model}/{group_key([class_name])}.pt"
+                rel = member_copy(model, [class_name])
                 (Path(out_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
                 net.save(Path(out_dir) / rel)
                 loaded[rel], sources[rel] = loaded.pop(files[model]), Path(out_dir) / rel
