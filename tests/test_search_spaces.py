@@ -114,7 +114,7 @@ def test_bad_values_are_refused_with_the_option_named(overrides, expected):
         spec_of("haloae", overrides=sets["haloae"])
 
 
-def test_the_papers_setting_is_kept_unless_beaten_by_the_margin(tmp_path):
+def test_the_papers_setting_is_kept_unless_beaten_by_the_margin_on_neither_metric_lost(tmp_path):
     from types import SimpleNamespace
 
     import pandas as pd
@@ -122,11 +122,14 @@ def test_the_papers_setting_is_kept_unless_beaten_by_the_margin(tmp_path):
     from distributed.results import SEARCH_MARGIN, best_result
     from distributed.checkpoints import CHECKPOINT_MODEL
 
-    def trial(name, score, **config):
+    def trial(name, score, image=None, **config):
         ckpt = tmp_path / name
         ckpt.mkdir()
         (ckpt / CHECKPOINT_MODEL).write_bytes(b"x")
-        frame = pd.DataFrame({"val_score": [score - 0.1, score], "checkpoint_path": [str(ckpt)] * 2})
+        image = score if image is None else image
+        frame = pd.DataFrame({"val_score": [score - 0.1, score], "val_image_auroc": [image - 0.1, image],
+                              "val_pixel_auroc": [2 * score - image - 0.1, 2 * score - image],
+                              "checkpoint_path": [str(ckpt)] * 2})
         return SimpleNamespace(error=None, metrics_dataframe=frame, best_checkpoints=None, config=config)
 
     paper = {"stages": "2,3", "k": 1}
@@ -137,3 +140,9 @@ def test_the_papers_setting_is_kept_unless_beaten_by_the_margin(tmp_path):
     assert best_result([default, close, far], paper) is far
     assert best_result([default, close]) is close                # no paper setting given: plain best
     assert best_result([close, far], paper) is far               # the paper's trial failed or was not run
+    # a larger val_score bought with a lower image AUROC than the paper's does not replace it ...
+    one_sided = trial("one_sided", 0.90 + 4 * SEARCH_MARGIN, image=0.89, stages="1,2", k=3)
+    assert best_result([default, one_sided], paper) is default
+    # ... and a smaller win on both metrics is preferred to it
+    assert best_result([default, one_sided, far], paper) is far
+    assert best_result([default, one_sided]) is one_sided        # without a paper setting: plain best
