@@ -118,18 +118,41 @@ def beats_default(candidate: dict, default: dict) -> bool:
     return all(candidate[k] >= default[k] for k in KEPT_METRICS if k in candidate and k in default)
 
 
+def scored_trials(results, default_point: dict | None):
+    """``([(best_reported, result)], the paper's entry or None)`` over the trials that reported."""
+    scored = [(found, r) for r in results if (found := best_reported(r)) is not None]
+    return scored, next((t for t in scored if is_trial_of(t[1], default_point or {})), None)
+
+
 def best_result(results, default_point: dict | None = None):
     """The trial whose best epoch has the highest validation score; but the paper's setting
     (``default_point``, the first trial of every study) is kept unless another trial beats it
     (``beats_default``): the validation defects are synthetic, and a small or one-sided win on
     them (often finer features for sharper defects) did not carry over to other defects."""
-    scored = [(found, r) for r in results if (found := best_reported(r)) is not None]
-    if not scored:
-        return None
-    default = next((t for t in scored if is_trial_of(t[1], default_point or {})), None)
+    scored, default = scored_trials(results, default_point)
     if default is not None:
         scored = [t for t in scored if t is default or beats_default(t[0][2], default[0][2])]
-    return max(scored, key=lambda t: t[0][0])[1]
+    return max(scored, key=lambda t: t[0][0])[1] if scored else None
+
+
+def why_paper_kept(results, default_point: dict | None = None) -> str:
+    """Why the paper's setting was kept over a trial with a higher validation score ('' when the
+    top trial was taken): for the log and the study's ``best.json``."""
+    scored, default = scored_trials(results, default_point)
+    if default is None or best_result(results, default_point) is not default[1]:
+        return ""
+    top = max(scored, key=lambda t: t[0][0])
+    if top is default:
+        return ""
+    a, b = top[0][2], default[0][2]
+    if a[METRIC] < b[METRIC] + SEARCH_MARGIN:
+        why = f"its {METRIC} {a[METRIC]:.3f} is within {SEARCH_MARGIN} of the paper's {b[METRIC]:.3f}"
+    else:
+        why = "it loses on " + ", ".join(f"{k} ({a[k]:.3f} against {b[k]:.3f})" for k in KEPT_METRICS
+                                         if k in a and k in b and not a[k] >= b[k])
+    changed = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in top[1].config.items() if k in default_point and v != default_point[k])
+    return f"the paper's setting is kept over the top trial ({changed}): {why}"
 
 
 def collect_best(grid, run_dir: Path, model: str, groups: dict[str, list[str]],

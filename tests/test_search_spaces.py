@@ -119,7 +119,7 @@ def test_the_papers_setting_is_kept_unless_beaten_by_the_margin_on_neither_metri
 
     import pandas as pd
 
-    from distributed.results import SEARCH_MARGIN, best_result
+    from distributed.results import SEARCH_MARGIN, best_result, why_paper_kept
     from distributed.checkpoints import CHECKPOINT_MODEL
 
     def trial(name, score, image=None, **config):
@@ -146,3 +146,9 @@ def test_the_papers_setting_is_kept_unless_beaten_by_the_margin_on_neither_metri
     # ... and a smaller win on both metrics is preferred to it
     assert best_result([default, one_sided, far], paper) is far
     assert best_result([default, one_sided]) is one_sided        # without a paper setting: plain best
+    # the log says why the paper's setting was kept, and nothing when the top trial was taken
+    assert why_paper_kept([default, one_sided], paper) == (
+        "the paper's setting is kept over the top trial (stages=1,2, k=3): it loses on val_image_auroc "
+        "(0.890 against 0.900)")
+    assert "within 0.01" in why_paper_kept([default, close], paper)
+    assert why_paper_kept([default, one_sided, far], paper) == "" and why_paper_kept([default, close]) == ""
