@@ -107,52 +107,45 @@ def is_trial_of(result, point: dict) -> bool:
     return bool(point) and all(result.config.get(k) == v for k, v in point.items())
 
 
-def beats_default(candidate: dict, default: dict) -> bool:
-    """A trial's best epoch (``candidate``'s metrics) replaces the paper's setting only when its
-    ``val_score`` is ``SEARCH_MARGIN`` higher and neither the image nor the pixel AUROC is lower:
-    a gain on one bought with a loss on the other did not carry over to other defects (on the
-    surfaces family, finer stages gained 5 validation points of pixel AUROC and lost 2 of image
-    AUROC on one class; on its test split they lost 6.5 points of image AUROC)."""
+def shortfall(candidate: dict, default: dict) -> str:
+    """Why a trial's best epoch (``candidate``'s metrics) does not replace the paper's setting, or
+    '' when it does: its ``val_score`` must be ``SEARCH_MARGIN`` higher and neither the image nor
+    the pixel AUROC lower. A gain on one bought with a loss on the other did not carry over to
+    other defects (on the surfaces family, finer stages gained 5 validation points of pixel AUROC
+    and lost 2 of image AUROC on one class; on its test split they lost 6.5 points of image AUROC)."""
     if candidate[METRIC] < default[METRIC] + SEARCH_MARGIN:
-        return False
-    return all(candidate[k] >= default[k] for k in KEPT_METRICS if k in candidate and k in default)
+        return f"its {METRIC} {candidate[METRIC]:.3f} is within {SEARCH_MARGIN} of the paper's {default[METRIC]:.3f}"
+    lost = [f"{k} ({candidate[k]:.3f} against {default[k]:.3f})" for k in KEPT_METRICS
+            if k in candidate and k in default and not candidate[k] >= default[k]]
+    return "it loses on " + ", ".join(lost) if lost else ""
 
 
-def scored_trials(results, default_point: dict | None):
-    """``([(best_reported, result)], the paper's entry or None)`` over the trials that reported."""
+def choose_trial(results, default_point: dict | None = None):
+    """``(result, why)``: the trial whose best epoch has the highest validation score; but the
+    paper's setting (``default_point``, the first trial of every study) is kept unless another
+    trial beats it (``shortfall``), and ``why`` then says why the top trial was not taken (''
+    otherwise): the validation defects are synthetic, and a small or one-sided win on them
+    (often finer features for sharper defects) did not carry over to other defects."""
     scored = [(found, r) for r in results if (found := best_reported(r)) is not None]
-    return scored, next((t for t in scored if is_trial_of(t[1], default_point or {})), None)
+    if not scored:
+        return None, ""
+    top = max(scored, key=lambda t: t[0][0])
+    default = next((t for t in scored if is_trial_of(t[1], default_point or {})), None)
+    if default is None or top is default:
+        return top[1], ""
+    eligible = [t for t in scored if t is default or not shortfall(t[0][2], default[0][2])]
+    chosen = max(eligible, key=lambda t: t[0][0])
+    if chosen is not default:
+        return chosen[1], ""
+    changed = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                        for k, v in top[1].config.items() if k in default_point and v != default_point[k])
+    return default[1], (f"the paper's setting is kept over the top trial ({changed}): "
+                        f"{shortfall(top[0][2], default[0][2])}")
 
 
 def best_result(results, default_point: dict | None = None):
-    """The trial whose best epoch has the highest validation score; but the paper's setting
-    (``default_point``, the first trial of every study) is kept unless another trial beats it
-    (``beats_default``): the validation defects are synthetic, and a small or one-sided win on
-    them (often finer features for sharper defects) did not carry over to other defects."""
-    scored, default = scored_trials(results, default_point)
-    if default is not None:
-        scored = [t for t in scored if t is default or beats_default(t[0][2], default[0][2])]
-    return max(scored, key=lambda t: t[0][0])[1] if scored else None
-
-
-def why_paper_kept(results, default_point: dict | None = None) -> str:
-    """Why the paper's setting was kept over a trial with a higher validation score ('' when the
-    top trial was taken): for the log and the study's ``best.json``."""
-    scored, default = scored_trials(results, default_point)
-    if default is None or best_result(results, default_point) is not default[1]:
-        return ""
-    top = max(scored, key=lambda t: t[0][0])
-    if top is default:
-        return ""
-    a, b = top[0][2], default[0][2]
-    if a[METRIC] < b[METRIC] + SEARCH_MARGIN:
-        why = f"its {METRIC} {a[METRIC]:.3f} is within {SEARCH_MARGIN} of the paper's {b[METRIC]:.3f}"
-    else:
-        why = "it loses on " + ", ".join(f"{k} ({a[k]:.3f} against {b[k]:.3f})" for k in KEPT_METRICS
-                                         if k in a and k in b and not a[k] >= b[k])
-    changed = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                        for k, v in top[1].config.items() if k in default_point and v != default_point[k])
-    return f"the paper's setting is kept over the top trial ({changed}): {why}"
+    """The trial ``choose_trial`` keeps."""
+    return choose_trial(results, default_point)[0]
 
 
 def collect_best(grid, run_dir: Path, model: str, groups: dict[str, list[str]],

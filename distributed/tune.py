@@ -35,7 +35,7 @@ from distributed.checkpoints import drop_trial_checkpoints
 from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, prepare_run,
                              split_list, start_ray, trial_placement, write_json)
 from distributed.monitor import run_callbacks
-from distributed.results import best_result, export_best, format_table, trial_rows, why_paper_kept, write_trials
+from distributed.results import choose_trial, export_best, format_table, trial_rows, write_trials
 from distributed.spec import SpecError, build_specs
 from distributed.studies import STUDY_KEY, SearchOptions, Study, live_trial_limit, make_search
 from distributed.tracking import Tracking, close_tracking, open_tracking, run_status
@@ -223,11 +223,10 @@ def finish_studies(ctx: RunContext, todo: list, grid, specs: dict, done: dict) -
             continue
         rows = trial_rows(mine, study.model)
         write_trials(rows, ctx.run_dir / TRIALS_FILE)
-        paper = specs[study.key].first_point()
-        why = why_paper_kept(mine, paper)
+        chosen, why = choose_trial(mine, specs[study.key].first_point())
         if why:
             print(f"[tune] {study.key}: {why}", flush=True)
-        info = export_best(best_result(mine, paper), ctx.run_dir, study.model, list(study.classes),
+        info = export_best(chosen, ctx.run_dir, study.model, list(study.classes),
                            {"study": study.key, **({"search_choice": why} if why else {})})
         update_best_index(ctx.run_dir, [info] if info else [])
         drop_trial_checkpoints(mine, ctx.location)  # best/ holds the one copy the study keeps

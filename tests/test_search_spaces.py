@@ -119,7 +119,7 @@ def test_the_papers_setting_is_kept_unless_beaten_by_the_margin_on_neither_metri
 
     import pandas as pd
 
-    from distributed.results import SEARCH_MARGIN, best_result, why_paper_kept
+    from distributed.results import SEARCH_MARGIN, best_result, choose_trial
     from distributed.checkpoints import CHECKPOINT_MODEL
 
     def trial(name, score, image=None, **config):
@@ -147,8 +147,8 @@ def test_the_papers_setting_is_kept_unless_beaten_by_the_margin_on_neither_metri
     assert best_result([default, one_sided, far], paper) is far
     assert best_result([default, one_sided]) is one_sided        # without a paper setting: plain best
     # the log says why the paper's setting was kept, and nothing when the top trial was taken
-    assert why_paper_kept([default, one_sided], paper) == (
+    assert choose_trial([default, one_sided], paper)[1] == (
         "the paper's setting is kept over the top trial (stages=1,2, k=3): it loses on val_image_auroc "
         "(0.890 against 0.900)")
-    assert "within 0.01" in why_paper_kept([default, close], paper)
-    assert why_paper_kept([default, one_sided, far], paper) == "" and why_paper_kept([default, close]) == ""
+    assert "within 0.01" in choose_trial([default, close], paper)[1]
+    assert choose_trial([default, one_sided, far], paper)[1] == "" and choose_trial([default, close])[1] == ""
