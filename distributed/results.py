@@ -116,7 +116,7 @@ def shortfall(candidate: dict, default: dict) -> str:
     if candidate[METRIC] < default[METRIC] + SEARCH_MARGIN:
         return f"its {METRIC} {candidate[METRIC]:.3f} is within {SEARCH_MARGIN} of the paper's {default[METRIC]:.3f}"
     lost = [f"{k} ({candidate[k]:.3f} against {default[k]:.3f})" for k in KEPT_METRICS
-            if k in candidate and k in default and not candidate[k] >= default[k]]
+            if pd.notna(candidate.get(k)) and pd.notna(default.get(k)) and candidate[k] < default[k]]
     return "it loses on " + ", ".join(lost) if lost else ""
 
 

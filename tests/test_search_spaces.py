@@ -152,3 +152,7 @@ def test_the_papers_setting_is_kept_unless_beaten_by_the_margin_on_neither_metri
         "(0.890 against 0.900)")
     assert "within 0.01" in choose_trial([default, close], paper)[1]
     assert choose_trial([default, one_sided, far], paper)[1] == "" and choose_trial([default, close])[1] == ""
+    # a metric a trial did not report (NaN in Tune's frame) is not counted as a loss
+    unreported = trial("unreported", 0.90 + 2 * SEARCH_MARGIN, stages="1,2", k=5)
+    unreported.metrics_dataframe["val_image_auroc"] = float("nan")
+    assert best_result([default, unreported], paper) is unreported
