@@ -1,34 +1,37 @@
-"""What a checkpoint costs on disk, per model and preset, before and after lean checkpoints.
+"""What a checkpoint costs on disk, per model and preset, with and without the frozen backbone.
 
     python -m bench.checkpoints [--demo-run RUN_DIR]
 
-"all tensors" is the format-1 file (every tensor, the frozen backbone's included); "lean" is
-what ``model.save`` writes now (trainable parameters and fitted statistics only; the backbone is
+Sizes are of ``.safetensors`` files, the format ``model.save`` writes. "all tensors" is a file
+with every tensor, the frozen backbone's included; "lean" is what ``model.save`` writes (trainable parameters and fitted statistics only; the backbone is
 rebuilt from the config and checked against a digest); "optimizer" is the AdamW state a
 resumable checkpoint adds (two tensors per trainable parameter), kept only in the latest
 checkpoint of an unfinished trial. Weights "none" (offline); sizes do not depend on the weights.
-With ``--demo-run`` it also prints the size of a run folder (e.g. the offline demo's).
+With ``--demo-run`` it also prints the size of a run folder (e.g. the offline demo's) and how
+long its ensemble takes to load (``Ensemble.load`` on the CPU, in a fresh process, the fastest of
+``LOAD_REPEATS``; imports not counted).
 """
 
 from __future__ import annotations
 
 import argparse
-import io
 import subprocess
 import warnings
 
 import torch
 
-from bench.common import machine, table
+from bench.common import in_fresh_process, machine, table
 
 MODELS = ("haloae", "hvq_trans", "transformaly", "patchcore")
 MB = 1e6
+LOAD_REPEATS = 3
 
 
-def file_mb(obj) -> float:
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    return buffer.tell() / MB
+def file_mb(ckpt: dict) -> float:
+    """Size of ``ckpt`` (``AnomalyModel.checkpoint()``'s form) as the ``.safetensors`` file ``save`` writes."""
+    from models.checkpoint_files import encode_model
+
+    return len(encode_model(ckpt)) / MB
 
 
 def fitted(net) -> None:
@@ -61,6 +64,17 @@ def folder_mb(path: str) -> str:
     return out.split()[0]
 
 
+def ensemble_load_seconds(folder: str) -> float:
+    """Seconds ``Ensemble.load(folder, "cpu")`` takes in this process, imports done before."""
+    import time
+
+    from ensembles import Ensemble
+
+    t0 = time.perf_counter()
+    Ensemble.load(folder, "cpu")
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(prog="python -m bench.checkpoints", description=__doc__.split("\n\n")[0])
     p.add_argument("--presets", default="fast,paper")
@@ -73,6 +87,8 @@ def main(argv=None) -> None:
     if a.demo_run:
         parts = ", ".join(f"{name}/ {folder_mb(f'{a.demo_run}/{name}')} MB" for name in ("best", "tune", "ensemble"))
         print(f"\nrun folder {a.demo_run}: {folder_mb(a.demo_run)} MB ({parts})")
+        load_s = min(in_fresh_process(ensemble_load_seconds, f"{a.demo_run}/ensemble") for _ in range(LOAD_REPEATS))
+        print(f"ensemble load: {load_s:.2f} s (Ensemble.load on the CPU, fastest of {LOAD_REPEATS} fresh processes)")
 
 
 if __name__ == "__main__":

@@ -1,29 +1,45 @@
 """Keeping a run's checkpoints lean: optimiser state only where a resume can use it, one copy
 of each study's best model.
 
-Every epoch a trial writes ``model.pt`` (what training changed, no frozen backbone: see
-``AnomalyModel.checkpoint``) and ``state.pt`` (optimiser state, epoch, random state), and Tune
+Every epoch a trial writes ``model.safetensors`` (what training changed, no frozen backbone: see
+``AnomalyModel.checkpoint``) and ``state.safetensors`` (optimiser state, epoch, random state;
+tensors in the file, the rest JSON in its metadata: ``models.checkpoint_files``), and Tune
 keeps the trial's best two. Only the latest checkpoint of an unfinished trial can be resumed: a
 trial training in its own process empties the older ones after each report
 (``strip_all_but_latest``); once a trial ends, ``distributed.monitor.DropOptimizerState`` empties the optimiser state of its checkpoints; once
 the search is over, ``drop_trial_checkpoints`` deletes a study's trial checkpoints after its
-best ``model.pt`` has been exported to ``RUN/best/`` (the one copy ``ensemble/`` refers to).
+best ``model.safetensors`` has been exported to ``RUN/best/`` (the one copy ``ensemble/`` refers to).
 """
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import pyarrow.fs as pafs
-import torch
 
-from anomaly_data.storage import delete_folder, is_file, join, location_of, read_bytes, subfolders, write_bytes
+from anomaly_data.storage import (delete_folder, is_file, is_uri, join, location_of, object_stamps, read_bytes,
+                                  subfolders, write_bytes)
 from ensembles.run_folder import train_run_dir
+from models import checkpoint_files
 
-CHECKPOINT_MODEL = "model.pt"  # models.load_model reads it
-CHECKPOINT_STATE = "state.pt"  # optimiser state, epoch, random state: what a resume needs besides
+CHECKPOINT_MODEL = "model.safetensors"  # models.load_model reads it
+CHECKPOINT_STATE = "state.safetensors"  # optimiser state, epoch, random state: what a resume needs besides
 CHECKPOINT_GLOB = "checkpoint_*"
+PICKLED_SUFFIX = ".pt"  # checkpoints of earlier versions (torch.save): model.pt, state.pt, members/*/*.pt
+
+
+def read_trial_state(location: str | Path) -> dict:
+    """``state.safetensors`` (a path or a URI) as ``{"optimizer": state dict or None, "epoch",
+    "metrics", "job", "rng"}``."""
+    return checkpoint_files.decode_trial_state(read_bytes(location), str(location))
+
+
+def pickled_checkpoints(location: str | Path) -> list[str]:
+    """The pickled checkpoints of an earlier version in a run folder or its bucket (none are
+    loaded: ``python -m ensembles.convert`` rewrites them)."""
+    if is_uri(location):
+        return sorted(f"{location}/{key}" for key in object_stamps(str(location)) if key.endswith(PICKLED_SUFFIX))
+    return sorted(str(p) for p in Path(location).rglob(f"*{PICKLED_SUFFIX}") if p.is_file())
 
 
 def strip_trial(trial_location: str | Path | None, storage: str | Path, trial_id: str | None) -> None:
@@ -44,17 +60,16 @@ def trial_checkpoint_folders(trial_location: str | Path | None, storage: str | P
 
 
 def strip_optimizer_state(folder: str | Path) -> bool:
-    """Rewrite ``folder/state.pt`` (a path or a URI) without its optimiser state; True when it had one."""
+    """Rewrite ``folder/state.safetensors`` (a path or a URI) without its optimiser state; True
+    when it had one."""
     path = join(folder, CHECKPOINT_STATE)
     if not is_file(path):
         return False
-    state = torch.load(io.BytesIO(read_bytes(path)), map_location="cpu", weights_only=False)
-    if state.get("optimizer") is None:
+    state = read_trial_state(path)
+    if state["optimizer"] is None:
         return False
-    state["optimizer"] = None
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    write_bytes(path, buffer.getvalue())
+    write_bytes(path, checkpoint_files.encode_trial_state(None, state["epoch"], state["metrics"], state["job"],
+                                                          state["rng"]))
     return True
 
 

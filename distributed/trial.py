@@ -32,12 +32,13 @@ from torch.utils.data import DataLoader
 
 from anomaly_data import prepare_splits
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
-from anomaly_data.storage import local_root
-from distributed.checkpoints import CHECKPOINT_MODEL, CHECKPOINT_STATE, strip_all_but_latest
+from anomaly_data.storage import local_root, write_bytes
+from distributed.checkpoints import CHECKPOINT_MODEL, CHECKPOINT_STATE, read_trial_state, strip_all_but_latest
 from distributed.studies import REUSE_WAIT_ENV, REUSE_WAIT_S
 from ensembles.metrics import image_auroc, pixel_auroc, validation_score
 from ensembles.run_folder import TRAIN_RUN_PREFIX
 from models import ModelConfig, load_model, model_class
+from models.checkpoint_files import encode_trial_state
 from models.config import Recipe
 from models.training import NonFiniteLossError, make_lr_schedule, make_optimizer, score_loader, train_epoch, unwrap
 
@@ -128,8 +129,9 @@ def validation_metrics(model, validation, device, batch_size: int) -> dict[str, 
 def save_checkpoint(directory: Path, model, optimizer, epoch: int, metrics: dict[str, float], job: TrainJob):
     net = unwrap(model)
     net.save(directory / CHECKPOINT_MODEL)
-    torch.save({"optimizer": optimizer.state_dict() if optimizer is not None else None, "epoch": epoch, "metrics": metrics, "job": job.to_dict(),
-                "rng": torch.get_rng_state()}, directory / CHECKPOINT_STATE)
+    write_bytes(directory / CHECKPOINT_STATE,
+                encode_trial_state(optimizer.state_dict() if optimizer is not None else None, epoch, metrics,
+                                   job.to_dict(), torch.get_rng_state()))
     (directory / "metrics.json").write_text(json.dumps(metrics, indent=2))  # "epoch" counts from 1
 
 
@@ -138,7 +140,7 @@ def restore_checkpoint(checkpoint, model, optimizer) -> int:
     with checkpoint.as_directory() as d:
         saved = load_model(Path(d) / CHECKPOINT_MODEL)
         unwrap(model).load_state_dict(saved.state_dict())
-        state = torch.load(Path(d) / CHECKPOINT_STATE, map_location="cpu", weights_only=False)
+        state = read_trial_state(Path(d) / CHECKPOINT_STATE)
     if state.get("optimizer") is not None:  # emptied once a trial ended (distributed.checkpoints)
         optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["rng"])

@@ -31,7 +31,7 @@ from ray import tune
 
 from anomaly_data import DatasetError
 from anomaly_data.storage import StorageError, is_file, join, parse_location, read_bytes
-from distributed.checkpoints import drop_trial_checkpoints
+from distributed.checkpoints import drop_trial_checkpoints, pickled_checkpoints
 from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_args, fill_resources, prepare_run,
                              split_list, start_ray, trial_placement, write_json)
 from distributed.monitor import run_callbacks
@@ -125,10 +125,15 @@ def restore_args(argv) -> argparse.Namespace:
             raise CliError(f"--resume {args.resume}: no config.json there (is it a run folder of distributed.tune?)")
         written = json.loads(read_bytes(config))
         recorded = written.get("args")
+        pickled = pickled_checkpoints(parse_location(args.resume))
     except StorageError as err:
         raise CliError(f"--resume: {err}") from None
     if recorded is None:
         raise CliError(f"--resume {args.resume}: this run folder was not made by distributed.tune")
+    if pickled:
+        raise CliError(f"--resume {args.resume}: {len(pickled)} checkpoint(s) of an earlier version, pickled (e.g. "
+                       f"{pickled[0]}): they are not loaded, since unpickling can run code. Convert the run first: "
+                       f"python -m ensembles.convert {args.resume}")
     resumed = parse_args([])
     for key, value in recorded.items():
         setattr(resumed, key, value)

@@ -16,6 +16,7 @@ from ensembles.evaluate import evaluate_ensemble, format_results
 from ensembles.fit import fit_class_fusion
 from ensembles.run_folder import ENSEMBLE_DIR, group_key
 from models import load_model
+from models.checkpoint_files import SUFFIX
 
 FUSION_DEFECTS = 6  # defective copies per held-out normal in the set the fusion is fitted on
 MEMBERS_DIR = "members"  # under the ensemble folder: copies of members, and memory banks refitted on every normal
@@ -23,7 +24,7 @@ MEMBERS_DIR = "members"  # under the ensemble folder: copies of members, and mem
 
 def member_copy(model: str, classes: list[str]) -> str:
     """A member file of the ensemble's own, relative to its folder."""
-    return f"{MEMBERS_DIR}/{model}/{group_key(classes)}.pt"
+    return f"{MEMBERS_DIR}/{model}/{group_key(classes)}{SUFFIX}"
 
 
 def members_for_class(index: list[dict], class_name: str) -> dict[str, dict]:

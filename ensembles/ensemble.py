@@ -6,12 +6,17 @@
       ensemble.json                 format, per class: members, normalisers, fusion rule and
                                     weights, blur, image-score rule, threshold, validation report;
                                     each member's file, relative to this folder: the run's
-                                    ../best/<model>/<classes>/model.pt (one copy, keep the run
-                                    folder together), or a copy under members/ for an ensemble
+                                    ../best/<model>/<classes>/model.safetensors (one copy, keep the
+                                    run folder together), or a copy under members/ for an ensemble
                                     saved outside the run folder of its members; a member that
                                     is fitted, not trained (the memory bank), is refitted on every
                                     training normal once the fusion is chosen and saved under
-                                    members/<model>/<class>.pt
+                                    members/<model>/<class>.safetensors; "files": the SHA-256 of
+                                    each member file
+
+Loading runs no code from the folder: members are ``.safetensors`` files; a member path that
+leaves the ensemble's run folder (the folder holding it) is refused, and so is a member file whose
+SHA-256 is not the one recorded when the ensemble was written (tampered with, or half-copied).
 
 >>> from ensembles import Ensemble
 >>> ens = Ensemble.load("runs/demo/ensemble")
@@ -21,6 +26,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -35,9 +41,11 @@ from anomaly_data.records import DatasetError
 from anomaly_data.storage import check_reachable, is_uri, local_mirror, parse_location
 from anomaly_data.transforms import resize_image
 from ensembles.fusion import QuantileNormalizer, RankTable, blur, fuse_maps
-from models import load_model
+from ensembles.runtime import path_within
+from models import ConfigError, load_model
+from models.checkpoint_files import CONVERT_HINT
 
-FORMAT = 1
+FORMAT = 2  # 1: before member files were .safetensors with their SHA-256 recorded (ensembles.convert)
 CONFIG_FILE = "ensemble.json"
 
 
@@ -174,6 +182,40 @@ def normalised_member_scores(fusion: ClassFusion, outputs: dict[str, tuple[torch
     return {m: QuantileNormalizer(**fusion.image_norm[m])(scores) for m, (scores, _) in outputs.items()}
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def member_path(folder: Path, rel: str, where: str) -> Path:
+    """The file a member entry ``rel`` names, inside the ensemble's run folder (the folder that
+    holds ``folder``; symbolic links followed); anything else is refused, ``where`` naming the entry."""
+    target = path_within(folder, rel, (folder.parent,))
+    if target is None:
+        raise EnsembleError(f"{where} names {rel!r}, outside the ensemble's run folder {folder.resolve().parent}: "
+                            "an ensemble only loads files of its own run; it is not loaded")
+    return target
+
+
+def checked_member(folder: Path, rel: str, digests: dict[str, str], where: str) -> Path:
+    """``member_path``, its file present and its SHA-256 the one recorded in ``digests``."""
+    path = member_path(folder, rel, where)
+    if not path.is_file():
+        raise EnsembleError(f"{where} is missing: {folder / rel}")
+    if rel not in digests:
+        raise EnsembleError(f"{where}: no SHA-256 is recorded for {rel!r} in {folder / CONFIG_FILE}; "
+                            "rebuild the ensemble (or convert it: python -m ensembles.convert RUN_DIR)")
+    found = file_sha256(path)
+    if found != digests[rel]:
+        raise EnsembleError(f"{folder / rel} changed since the ensemble was written (SHA-256 {found[:16]}..., recorded "
+                            f"{digests[rel][:16]}...): it is not loaded. A tampered or half-copied member file: "
+                            "copy the run folder again, or rebuild the ensemble")
+    return path
+
+
 def local_ensemble(uri: str) -> Path:
     """This node's copy of the ensemble folder at ``uri`` and of its run's ``best/``."""
     try:
@@ -215,20 +257,23 @@ class Ensemble:
             config = json.loads(config_path.read_text())
         except json.JSONDecodeError as err:
             raise EnsembleError(f"{config_path} is not valid JSON ({err})") from None
+        if config.get("format") == 1:
+            raise EnsembleError(f"{config_path} is an ensemble of an earlier version (format 1: pickled member "
+                                f"files, no SHA-256 recorded); it is not loaded: {CONVERT_HINT}")
         if config.get("format") != FORMAT:
             raise EnsembleError(f"{config_path} has format {config.get('format')!r}; this version reads format "
                                 f"{FORMAT}: rebuild the ensemble with this version (python -m distributed.tune)")
         fusions = {name: ClassFusion(**f) for name, f in config["classes"].items()}
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        paths = {rel: checked_member(folder, rel, config.get("files", {}),
+                                     f"member {model} of class {fusion.class_name}")
+                 for fusion in fusions.values() for model, rel in fusion.member_files.items()}
         members = {}
-        for fusion in fusions.values():
-            for model, rel in fusion.member_files.items():
-                if rel in members:
-                    continue
-                path = folder / rel
-                if not path.is_file():
-                    raise EnsembleError(f"member {model} of class {fusion.class_name} is missing: {path}")
+        for rel, path in paths.items():
+            try:
                 members[rel] = load_model(path).to(device).eval()
+            except ConfigError as err:
+                raise EnsembleError(str(err)) from None
         return cls(fusions, members, folder, device, config.get("data"))
 
     def save(self, folder, sources: dict[str, Path]) -> Path:
@@ -236,13 +281,15 @@ class Ensemble:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         for rel, src in sources.items():
-            target = folder / rel
+            target = member_path(folder, rel, f"member file {rel!r}")
             if rel.startswith("../"):  # the run's best/ copy, referred to, not copied
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             if Path(src).resolve() != target.resolve():
                 shutil.copy2(src, target)
-        config = {"format": FORMAT, "data": self.data, "classes": {n: f.to_dict() for n, f in self.fusions.items()}}
+        files = sorted({rel for f in self.fusions.values() for rel in f.member_files.values()})
+        config = {"format": FORMAT, "data": self.data, "classes": {n: f.to_dict() for n, f in self.fusions.items()},
+                  "files": {rel: file_sha256(folder / rel) for rel in files}}
         tmp = folder / (CONFIG_FILE + ".tmp")
         tmp.write_text(json.dumps(config, indent=2) + "\n")
         tmp.replace(folder / CONFIG_FILE)

@@ -47,6 +47,15 @@ class ExportedClass:
     left_out: dict[str, str] | None = None    # members not in the graph, and why
 
 
+def path_within(folder: Path, rel: str, roots: tuple[Path, ...]) -> Path | None:
+    """``folder / rel`` (symbolic links followed) when it lies strictly inside one of ``roots``
+    and ``rel`` is a plain relative path; None otherwise (absolute, a URI, or leaving them)."""
+    if Path(rel).is_absolute() or "://" in rel or "\\" in rel:
+        return None
+    target = (folder / rel).resolve()
+    return target if any(target != r and target.is_relative_to(r) for r in (r.resolve() for r in roots)) else None
+
+
 def is_export(folder: str | Path) -> bool:
     return (Path(folder) / EXPORT_FILE).is_file()
 
@@ -70,6 +79,10 @@ class ExportedEnsemble:
             raise ExportError(f"{folder / EXPORT_FILE}: format {config.get('format')!r} / runtime "
                               f"{config.get('runtime')!r} is not one this version reads; export again")
         classes = {name: ExportedClass(name, **c) for name, c in config["classes"].items()}
+        for name, spec in classes.items():
+            if path_within(folder, spec.file, (folder,)) is None:
+                raise ExportError(f"{folder / EXPORT_FILE}: class {name} names the graph {spec.file!r}, outside the "
+                                  "export folder: an export only loads files of its own; it is not loaded")
         return cls(folder, config["runtime"], classes)
 
     @property

@@ -1,11 +1,20 @@
 """The fused ensemble behind an HTTP endpoint: a Ray Serve application with dynamic batching.
 
     python -m ensembles.serve --ensemble RUN/ensemble [--host 127.0.0.1] [--port 8000]
-        [--max-batch-size 8] [--batch-wait-ms 10] [--max-upload-mb 20] [--replicas 1] [--address auto]
+        [--auth-token-file FILE | --allow-anonymous] [--max-batch-size 8] [--batch-wait-ms 10]
+        [--max-upload-mb 20] [--replicas 1] [--address auto]
 
 or, with Ray Serve's own CLI (on a running cluster, say)::
 
-    serve run ensembles.serve:build_app ensemble=s3://BUCKET/runs/a/ensemble
+    serve run ensembles.serve:build_app ensemble=s3://BUCKET/runs/a/ensemble auth_token_file=FILE
+
+Callers: with a token (``--auth-token-file FILE``, or the environment variable
+``ANOMALY_ENSEMBLE_TOKEN``), every route but ``/health`` needs ``Authorization: Bearer TOKEN``:
+401 without it, 403 with another token (compared in constant time; the token is never logged).
+Without a token the server listens on a loopback address only, unless ``--allow-anonymous`` (a
+proxy in front checks the callers); ``build_app`` has no way to know where Serve's proxy listens,
+so it needs a token or ``allow_anonymous=true``. The token travels in clear over HTTP: put a TLS
+proxy in front of a server that is reached over a network (README, serving).
 
 The interface:
 
@@ -28,7 +37,10 @@ replica takes a GPU when the cluster has one.
 
 import argparse
 import base64
+import hashlib
+import hmac
 import io
+import ipaddress
 import os
 import signal
 import sys
@@ -50,6 +62,12 @@ APP_NAME = "anomaly-ensemble"
 DEFAULTS = {"host": "127.0.0.1", "port": 8000, "max_batch_size": 8, "batch_wait_ms": 10.0, "max_upload_mb": 20.0,
             "replicas": 1}
 
+TOKEN_ENV = "ANOMALY_ENSEMBLE_TOKEN"  # the token itself, when no --auth-token-file is given
+TOKEN_DIGEST_ENV = "ANOMALY_ENSEMBLE_TOKEN_SHA256"  # set in each replica's process: what callers must match
+MIN_TOKEN_CHARS = 16
+OPEN_ROUTES = ("/health",)  # answered without a token (load balancers' probes)
+NEW_TOKEN = "python -c 'import secrets; print(secrets.token_urlsafe(32))' > token.txt"
+
 api = FastAPI(title="anomaly-ensemble", description="Scores images with a fused anomaly-detection ensemble.")
 
 
@@ -59,8 +77,66 @@ class BadRequest(Exception):
         self.status, self.message = status, message
 
 
+class TokenError(ValueError):
+    """No usable token, or none where one is needed."""
+
+
+def read_token(path: str | None) -> str | None:
+    """The callers' token: the file's content (stripped), else ``$ANOMALY_ENSEMBLE_TOKEN``, else None."""
+    if path:
+        try:
+            token = open(path, encoding="utf-8").read().strip()
+        except OSError as err:
+            raise TokenError(f"--auth-token-file {path}: cannot read it ({err.strerror})") from None
+        where = f"--auth-token-file {path}"
+    else:
+        token, where = os.environ.get(TOKEN_ENV, "").strip(), f"${TOKEN_ENV}"
+        if not token:
+            return None
+    if len(token) < MIN_TOKEN_CHARS or any(c.isspace() for c in token):
+        raise TokenError(f"{where}: a token needs at least {MIN_TOKEN_CHARS} characters and no spaces; make one "
+                         f"with {NEW_TOKEN}")
+    return token
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 # helpers the service calls are defined above it: serve.ingress copies the class by value when it
 # is decorated, with the module globals that exist at that moment
+def caller_refusal(authorization: str | None, digest: str) -> tuple[int, str] | None:
+    """None when ``authorization`` carries the token of ``digest``; else (401 or 403, why). The
+    digests are compared, in constant time: neither the token's length nor its content leaks."""
+    scheme, _, presented = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not presented.strip():
+        return 401, "this endpoint needs a token: send the header 'Authorization: Bearer TOKEN'"
+    if not hmac.compare_digest(token_digest(presented.strip()), digest):
+        return 403, "the token is not this endpoint's"
+    return None
+
+
+@api.middleware("http")
+async def check_caller(request: Request, call_next):
+    digest = os.environ.get(TOKEN_DIGEST_ENV)
+    if digest and request.url.path not in OPEN_ROUTES:
+        refusal = caller_refusal(request.headers.get("authorization"), digest)
+        if refusal is not None:
+            status, message = refusal
+            return JSONResponse({"error": message}, status_code=status,
+                                headers={"WWW-Authenticate": "Bearer"} if status == 401 else None)
+    return await call_next(request)
+
+
 def png_base64(image) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
@@ -73,7 +149,9 @@ class EnsembleService:
     """One replica: the ensemble loaded once, requests scored in batches."""
 
     def __init__(self, ensemble: str, max_batch_size: int = DEFAULTS["max_batch_size"],
-                 batch_wait_ms: float = DEFAULTS["batch_wait_ms"], max_upload_mb: float = DEFAULTS["max_upload_mb"]):
+                 batch_wait_ms: float = DEFAULTS["batch_wait_ms"], max_upload_mb: float = DEFAULTS["max_upload_mb"],
+                 token_sha256: str | None = None):
+        os.environ[TOKEN_DIGEST_ENV] = token_sha256 or ""  # this replica's process: check_caller reads it
         self.ensemble = Ensemble.load(ensemble)
         self.max_upload_bytes = int(max_upload_mb * 1e6)
         self.score_batch.set_max_batch_size(max_batch_size)
@@ -147,23 +225,36 @@ class EnsembleService:
 
 def build_app(args: dict[str, str]):
     """The application ``serve run ensembles.serve:build_app ensemble=...`` deploys; keys as the
-    CLI's options (``max_batch_size``, ``batch_wait_ms``, ``max_upload_mb``, ``replicas``)."""
+    CLI's options (``max_batch_size``, ``batch_wait_ms``, ``max_upload_mb``, ``replicas``,
+    ``auth_token_file``, ``allow_anonymous``). The token is read here, on the driver; replicas get
+    its SHA-256 only."""
     if "ensemble" not in args:
         raise ValueError("give the ensemble: serve run ensembles.serve:build_app ensemble=RUN/ensemble")
+    token = read_token(args.get("auth_token_file"))
+    if token is None and str(args.get("allow_anonymous", "")).lower() not in ("1", "true", "yes"):
+        raise TokenError(f"give the callers' token: auth_token_file=FILE (make one with {NEW_TOKEN}) or "
+                         f"${TOKEN_ENV}; or allow_anonymous=true when a proxy in front checks the callers")
     gpus = 1 if ray.is_initialized() and ray.cluster_resources().get("GPU", 0) >= 1 else 0
     service = EnsembleService.options(num_replicas=int(args.get("replicas", DEFAULTS["replicas"])),
                                       ray_actor_options={"num_cpus": 1 if gpus == 0 else 0, "num_gpus": gpus})
     return service.bind(args["ensemble"], int(args.get("max_batch_size", DEFAULTS["max_batch_size"])),
                         float(args.get("batch_wait_ms", DEFAULTS["batch_wait_ms"])),
-                        float(args.get("max_upload_mb", DEFAULTS["max_upload_mb"])))
+                        float(args.get("max_upload_mb", DEFAULTS["max_upload_mb"])),
+                        token_digest(token) if token is not None else None)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m ensembles.serve", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ensemble", required=True, help="an ensemble folder (RUN/ensemble), or its s3:// / gs:// URI")
-    p.add_argument("--host", default=DEFAULTS["host"], help="address to listen on (0.0.0.0 for every interface)")
+    p.add_argument("--host", default=DEFAULTS["host"], help="address to listen on (0.0.0.0 for every interface: "
+                                                          "needs a token, or --allow-anonymous)")
     p.add_argument("--port", type=int, default=DEFAULTS["port"])
+    p.add_argument("--auth-token-file", default=None, metavar="FILE",
+                   help=f"a file holding the token callers send as 'Authorization: Bearer TOKEN' (default: "
+                        f"${TOKEN_ENV}, if set)")
+    p.add_argument("--allow-anonymous", action="store_true",
+                   help="serve without a token on a non-loopback --host (a proxy in front checks the callers)")
     p.add_argument("--max-batch-size", type=int, default=DEFAULTS["max_batch_size"], help="images scored together")
     p.add_argument("--batch-wait-ms", type=float, default=DEFAULTS["batch_wait_ms"],
                    help="how long a request waits for others to fill its batch")
@@ -181,9 +272,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    try:
-        Ensemble.load(args.ensemble, "cpu")  # a bad folder is an error here, before Ray starts
-    except EnsembleError as err:
+    try:  # a bad token or folder is an error here, before Ray starts
+        token = read_token(args.auth_token_file)
+        if token is None and not is_loopback(args.host) and not args.allow_anonymous:
+            raise TokenError(f"--host {args.host} without a token: anyone who reaches the port could score images "
+                             f"on this machine's GPUs. Give --auth-token-file FILE (make one with {NEW_TOKEN}) or "
+                             f"set ${TOKEN_ENV}; or --allow-anonymous when a proxy in front checks the callers")
+        Ensemble.load(args.ensemble, "cpu")
+    except (EnsembleError, TokenError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     os.environ.setdefault("RAY_SERVE_ENABLE_TASK_EVENTS", "0")
@@ -193,9 +289,11 @@ def main(argv=None) -> int:
     serve.start(http_options={"host": args.host, "port": args.port})
     serve.run(build_app({"ensemble": args.ensemble, "max_batch_size": args.max_batch_size,
                          "batch_wait_ms": args.batch_wait_ms, "max_upload_mb": args.max_upload_mb,
-                         "replicas": args.replicas}), name=APP_NAME, route_prefix="/")
-    print(f"[serve] {args.ensemble} on http://{args.host}:{args.port}: POST /predict?class=CLASS, GET /health",
-          flush=True)
+                         "replicas": args.replicas, "auth_token_file": args.auth_token_file,
+                         "allow_anonymous": token is None}), name=APP_NAME, route_prefix="/")
+    callers = "callers send 'Authorization: Bearer TOKEN'" if token is not None else "no token: anyone who reaches it"
+    print(f"[serve] {args.ensemble} on http://{args.host}:{args.port}: POST /predict?class=CLASS, GET /health; "
+          f"{callers}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -15,12 +15,13 @@ from pathlib import Path
 import timm
 import torch
 
+from models import checkpoint_files
 from models.base import CHECKPOINT_FORMAT, AnomalyModel
 from models.config import ConfigError, ModelConfig
 
 # The one registry: a model is one file in models/ whose class carries @register_model.
 _MODELS: dict[str, type[AnomalyModel]] = {}
-_NOT_MODELS = {"base", "backbones", "config", "layers", "training"}
+_NOT_MODELS = {"base", "backbones", "checkpoint_files", "config", "layers", "training"}
 
 
 def register_model(space: str):
@@ -73,21 +74,22 @@ def create_model(name: str, preset: str | None = None, **config) -> AnomalyModel
 
 
 def load_model(path, map_location="cpu") -> AnomalyModel:
-    """Rebuild a model saved with ``model.save(path)``.
+    """Rebuild a model saved with ``model.save(path)`` (a ``.safetensors`` file: nothing in it runs).
 
     The file holds what training changed; the frozen backbone is rebuilt from the config's
     weights source (a random one from its fixed seed) and must match the digest saved with it.
-    Checkpoints of format 1 (every tensor in the file) still load."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    ckpt = torch.load(str(path), map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") not in (1, CHECKPOINT_FORMAT) or "model" not in ckpt:
-        found = ckpt.get("format") if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise ConfigError(f"{path} is not a model checkpoint this version reads (formats 1 and "
-                          f"{CHECKPOINT_FORMAT}; found {found!r}): retrain it with this version")
-    if ckpt["format"] == 1:
-        return _load_full_checkpoint(ckpt, path)
+    A pickled checkpoint of an earlier version is refused with how to convert it
+    (``python -m ensembles.convert``)."""
+    tensors, meta = checkpoint_files.read(path)
+    if meta.get("format") != CHECKPOINT_FORMAT or "model" not in meta:
+        raise ConfigError(f"{path} is not a model checkpoint this version reads (format {CHECKPOINT_FORMAT}; found "
+                          f"{meta.get('format')!r}, kind {meta.get('kind')!r}): retrain it with this version")
+    return model_from_checkpoint({**meta, "state_dict": tensors}, Path(path)).to(map_location)
+
+
+def model_from_checkpoint(ckpt: dict, path: Path) -> AnomalyModel:
+    """The model of a checkpoint's content (``AnomalyModel.checkpoint()``: no frozen tensor);
+    ``path`` names it in errors."""
     model = _rebuild(ckpt, path)
     saved = ckpt["frozen"]
     if model.frozen_digest() != saved["sha256"]:
@@ -118,8 +120,9 @@ def _rebuild(ckpt: dict, path: Path) -> AnomalyModel:
                               "weights available (the timm hub or cache for 'imagenet', the file for a path)") from err
 
 
-def _load_full_checkpoint(ckpt: dict, path: Path) -> AnomalyModel:
-    """Format 1: every tensor, the frozen backbone's included, is in the file."""
+def model_from_full_state(ckpt: dict, path: Path) -> AnomalyModel:
+    """A checkpoint of format 1 (every tensor, the frozen backbone's included; ``ensembles.convert``
+    reads those)."""
     model = _rebuild({**ckpt, "config": {**ckpt["config"], "weights": "none"}}, path)
     model.load_state_dict(ckpt["state_dict"])
     model.config = model.config.replace(weights=ckpt["config"]["weights"])
@@ -127,6 +130,6 @@ def _load_full_checkpoint(ckpt: dict, path: Path) -> AnomalyModel:
     return model
 
 
-__all__ = ["AnomalyModel", "ConfigError", "ModelConfig", "create_model", "load_model", "model_class", "model_names",
-           "register_model"]
+__all__ = ["AnomalyModel", "ConfigError", "ModelConfig", "create_model", "load_model", "model_class", "model_from_checkpoint",
+           "model_names", "register_model"]
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import hashlib
+import pickle
 import os
 import warnings
 from pathlib import Path
@@ -104,8 +105,13 @@ def _load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         state = load_file(str(path))
-    else:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    else:  # a pickle: torch's weights-only loader builds tensors and plain values, and refuses the rest
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise WeightsError(f"weights file {path} holds more than tensors and plain values, so it is not loaded "
+                               f"(unpickling it could run code): {str(err).splitlines()[0]}; save the state dict "
+                               "alone, or as .safetensors") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -18,13 +18,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models import backbones
+from models import backbones, checkpoint_files
 from models.config import ModelConfig, Recipe
 from models.layers.blur import gaussian_blur
 
 # 1: every tensor; 2: no frozen tensor (the backbone is rebuilt from the config and checked
-# against the stored digest of its tensors)
-CHECKPOINT_FORMAT = 2
+# against the stored digest of its tensors); both torch.save pickles. 3: format 2's content in a
+# .safetensors file (models.checkpoint_files), the only one loaded
+CHECKPOINT_FORMAT = 3
 
 
 def at_size(maps: Tensor, images: Tensor) -> Tensor:
@@ -161,7 +162,8 @@ class AnomalyModel(nn.Module):
         }
 
     def save(self, path) -> None:
-        torch.save(self.checkpoint(), str(path))
+        """One ``.safetensors`` file: the checkpoint's tensors, the rest as JSON metadata."""
+        checkpoint_files.write(path, checkpoint_files.encode_model(self.checkpoint()))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self._frozen_digest = None  # a full (format 1) state dict replaces the frozen tensors too

@@ -44,8 +44,8 @@ def tiny_run(tmp_path_factory, synthetic_root):
             warnings.simplefilter("ignore")
             model = create_model(name, "fast", **config)
         fit(model, DataLoader(splits.train, batch_size=6, shuffle=True), epochs=2, lr=2e-3)
-        model.save(run / f"{name}.pt")
-        index.append({"model": name, "classes": ["washer"], "checkpoint": str(run / f"{name}.pt")})
+        model.save(run / f"{name}.safetensors")
+        index.append({"model": name, "classes": ["washer"], "checkpoint": str(run / f"{name}.safetensors")})
     ensemble = build_ensemble(index, "mvtec", synthetic_root, ["washer"], run / "ensemble")
     return run, ensemble
 

@@ -97,7 +97,7 @@ def test_checkpoint_written_before_folding_loads_with_the_same_maps(tmp_path):
     """A checkpoint of an older version holds conv + BatchNorm tensors; it must still load."""
     import warnings
 
-    from models import create_model, load_model
+    from models import checkpoint_files, create_model, load_model
 
     torch.manual_seed(0)
     with warnings.catch_warnings():
@@ -117,10 +117,10 @@ def test_checkpoint_written_before_folding_loads_with_the_same_maps(tmp_path):
         state[f"{b}.running_mean"] = torch.zeros(out)
         state[f"{b}.running_var"] = torch.full((out,), 1 - eps)
         state[f"{b}.num_batches_tracked"] = torch.tensor(0)
-    torch.save(checkpoint, tmp_path / "old.pt")
+    checkpoint_files.write(tmp_path / "old.safetensors", checkpoint_files.encode_model(checkpoint))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = load_model(tmp_path / "old.pt").eval()
+        loaded = load_model(tmp_path / "old.safetensors").eval()
     images = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(loaded.anomaly_map(images), model.anomaly_map(images))

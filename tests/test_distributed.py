@@ -87,7 +87,7 @@ def test_tune_on_two_nodes_then_ensemble_evaluate_and_query(tmp_path, synthetic_
     assert json.loads((run / "progress.json").read_text())["longest_trial_wait_s"] < 120
     for model in ("hvq_trans", "transformaly"):
         info = json.loads((run / "best" / model / "washer" / "best.json").read_text())
-        assert (run / "best" / model / "washer" / "model.pt").is_file()
+        assert (run / "best" / model / "washer" / "model.safetensors").is_file()
         scores = trials[(trials.model == model) & (trials.classes == "washer")]["best_val_score"]
         chosen = info["metrics"]["val_score"]
         assert chosen in set(scores)
@@ -184,7 +184,7 @@ def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
     trials = pd.read_csv(run / "trials.csv")
     assert len(trials) == 3 and (trials["status"] == "ok").all()
     assert first_done.read_text().count("\n") == lines_before  # the finished trial was not run again
-    assert (run / "best" / "hvq_trans" / "pill" / "model.pt").is_file()
+    assert (run / "best" / "hvq_trans" / "pill" / "model.safetensors").is_file()
 
 
 def test_a_resume_keeps_the_classes_the_run_resolved(tmp_path, synthetic_root):
@@ -355,7 +355,7 @@ def test_train_loop_stops_and_reports_a_diverged_run(synthetic_root):
     session = RecordingSession()
     assert train_loop(diverging_job(synthetic_root, 1e-3), session) is True
     assert [m["epoch"] for m, _ in session.reports] == [1, 2]
-    assert all(m["diverged"] == 0 and "model.pt" in f for m, f in session.reports)
+    assert all(m["diverged"] == 0 and "model.safetensors" in f for m, f in session.reports)
 
 
 def test_a_unified_hvq_trans_reports_how_often_cheap_routing_agrees_with_the_full_rule(synthetic_root):
@@ -385,7 +385,7 @@ def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root,
 
     from distributed.monitor import DropOptimizerState
     from distributed.results import trial_rows
-    from distributed.checkpoints import CHECKPOINT_STATE
+    from distributed.checkpoints import CHECKPOINT_STATE, read_trial_state
     from distributed.trial import tune_trial
 
     base = diverging_job(synthetic_root, 1e-3)
@@ -396,7 +396,7 @@ def test_a_diverged_trial_fails_and_the_search_goes_on(tmp_path, synthetic_root,
                       run_config=tune.RunConfig(storage_path=str(tmp_path / "tune"), callbacks=[DropOptimizerState(tmp_path)],
                                                 failure_config=tune.FailureConfig(max_failures=0))).fit()
     states = list((tmp_path / "tune").rglob(CHECKPOINT_STATE))
-    assert states and all(torch.load(s, weights_only=False)["optimizer"] is None for s in states)  # trials ended
+    assert states and all(read_trial_state(s)["optimizer"] is None for s in states)  # trials ended
     rows = sorted(trial_rows(grid, "hvq_trans"), key=lambda r: r["config/lr"])
     assert rows[0]["status"] == "ok" and rows[0]["best_val_score"] > 0
     assert rows[1]["status"] == "error" and "TrialDiverged" in rows[1]["error"]
@@ -426,7 +426,7 @@ def test_every_model_runs_at_its_paper_preset_to_the_ensemble_table(tmp_path):
     papers' input sizes (256, 224, 384, 224 px), one trial of one epoch per model."""
     from anomaly_data.synthetic import generate_dataset
     from distributed.spec import build_spec
-    from models import load_model
+    from models import checkpoint_files, load_model
 
     root = generate_dataset(tmp_path / "data", classes=["brick"], seed=0, image_size=384, n_train=5,
                             n_test_good=1, n_test_per_defect=1)
@@ -444,22 +444,22 @@ def test_every_model_runs_at_its_paper_preset_to_the_ensemble_table(tmp_path):
         for name, value in spec.first_point().items():        # the trial ran the paper's point
             got = first[f"config/{name}"]
             assert (got == value) if isinstance(value, str) else float(got) == pytest.approx(float(value)), name
-        net = load_model(run / "best" / model / "brick" / "model.pt")
+        net = load_model(run / "best" / model / "brick" / "model.safetensors")
         expected = spec.config.to_dict()
         if model == "transformaly":                              # "2-11" was built as blocks 2..11
             expected["layers"] = list(range(2, 12))
         assert net.config.to_dict() == expected                     # ... and built the paper's model
-        saved = torch.load(run / "best" / model / "brick" / "model.pt", weights_only=False)
-        assert not set(saved["state_dict"]) & net.frozen_state_keys()   # no frozen tensor was written
+        saved, _ = checkpoint_files.read(run / "best" / model / "brick" / "model.safetensors")
+        assert not set(saved) & net.frozen_state_keys()   # no frozen tensor was written
     ensemble = json.loads((run / "ensemble" / "ensemble.json").read_text())
     files = {m: f for c in ensemble["classes"].values() for m, f in c["member_files"].items()}
     # trained members: one copy, referred to; the memory bank: refitted on every training normal
     assert files and all(f.startswith("../best/") for m, f in files.items() if m != "patchcore")
     if "patchcore" in files:
-        assert files["patchcore"] == "members/patchcore/brick.pt"
+        assert files["patchcore"] == "members/patchcore/brick.safetensors"
         assert len(load_model(run / "ensemble" / files["patchcore"]).memory_bank) > \
-            len(load_model(run / "best" / "patchcore" / "brick" / "model.pt").memory_bank)
-    assert {f.parent.name for f in (run / "ensemble").rglob("*.pt")} <= {"patchcore"}
+            len(load_model(run / "best" / "patchcore" / "brick" / "model.safetensors").memory_bank)
+    assert {f.parent.name for f in (run / "ensemble").rglob("*.safetensors")} <= {"patchcore"}
     assert not list((run / "tune").rglob("checkpoint_*"))             # finished studies keep best/ only
 
 
@@ -476,5 +476,5 @@ def test_the_train_command_trains_each_class_once_and_keeps_its_best_model(tmp_p
     config = json.loads((run / "config.json").read_text())
     assert {job["config"]["codebook_size"] for job in config["jobs"].values()} == {16}   # --set reached each job
     for classes in ("brick", "washer"):
-        net = load_model(run / "best" / "hvq_trans" / classes / "model.pt")
+        net = load_model(run / "best" / "hvq_trans" / classes / "model.safetensors")
         assert net.config.codebook_size == 16 and net.config.image_size == 64

@@ -199,8 +199,8 @@ def test_checkpoint_round_trip_gives_identical_maps(tmp_path):
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         maps = model.anomaly_map(images)
-    model.save(tmp_path / "haloae.pt")
-    loaded = models.load_model(tmp_path / "haloae.pt").eval()
+    model.save(tmp_path / "haloae.safetensors")
+    loaded = models.load_model(tmp_path / "haloae.safetensors").eval()
     assert loaded.config == model.config
     with torch.no_grad():
         assert torch.equal(loaded.anomaly_map(images), maps)

@@ -333,10 +333,10 @@ def test_checkpoint_round_trip_gives_identical_maps(tmp_path):
     model.fit_statistics(class_batches(2, 3))
     images = random_batch(3, seed=5)["image"]
     scores, maps = model.predict(images)
-    model.save(tmp_path / "hvq.pt")
+    model.save(tmp_path / "hvq.safetensors")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        loaded = load_model(tmp_path / "hvq.pt").eval()
+        loaded = load_model(tmp_path / "hvq.safetensors").eval()
     assert loaded.config == model.config
     assert torch.equal(loaded.quantizers[2].embed, model.quantizers[2].embed)
     assert loaded.prototypes_fitted and torch.equal(loaded.class_prototypes, model.class_prototypes)

@@ -95,7 +95,7 @@ def test_a_toy_fourth_model_runs_through_a_search_with_nothing_else_changed(tmp_
         trials = [row for row in csv.DictReader(f) if row["model"] == "toy"]
     assert len(trials) == 2 and all(row["status"] == "ok" for row in trials), trials
     assert "2" in {row["config/width"] for row in trials}  # the first point is the preset's
-    assert (run / "best" / "toy" / "brick" / "model.pt").is_file()
+    assert (run / "best" / "toy" / "brick" / "model.safetensors").is_file()
     with open(run / "results.csv") as f:
         members = {row["member"] for row in csv.DictReader(f)}
     assert "toy" in members

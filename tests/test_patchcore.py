@@ -97,8 +97,8 @@ def test_checkpoint_round_trip_keeps_the_memory_bank(tmp_path):
     model = fitted()
     images = batches(1, seed=4)[0]["image"]
     scores, maps = model.predict(images)
-    model.save(tmp_path / "p.pt")
-    loaded = load_model(tmp_path / "p.pt").eval()
+    model.save(tmp_path / "p.safetensors")
+    loaded = load_model(tmp_path / "p.safetensors").eval()
     assert loaded.memory_bank.shape == model.memory_bank.shape and loaded.weights_used == "packaged"
     again_scores, again_maps = loaded.predict(images)
     torch.testing.assert_close(again_scores, scores, rtol=0, atol=0)

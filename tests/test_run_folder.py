@@ -35,7 +35,7 @@ def test_run_folder_needs_neither_ray_nor_distributed():
 def test_a_moved_run_folder_reads_its_own_best_checkpoints(tmp_path):
     old, new = tmp_path / "machine_a" / "run", tmp_path / "machine_b" / "run"
     old.mkdir(parents=True)
-    update_best_index(old, [{"model": "m", "classes": ["a"], "checkpoint": str(best_dir(old, "m", ["a"]) / "model.pt")}])
+    update_best_index(old, [{"model": "m", "classes": ["a"], "checkpoint": str(best_dir(old, "m", ["a"]) / "model.safetensors")}])
     new.parent.mkdir()
     old.rename(new)
-    assert read_best_index(new)[0]["checkpoint"] == str(best_dir(new, "m", ["a"]) / "model.pt")
+    assert read_best_index(new)[0]["checkpoint"] == str(best_dir(new, "m", ["a"]) / "model.safetensors")

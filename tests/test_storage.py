@@ -213,7 +213,7 @@ def test_a_search_in_a_bucket_reads_its_data_writes_its_run_and_answers_from_the
 
     keys = keys_under(s3, "runs/r1")
     for key in ("config.json", "trials.csv", "studies.json", "best.json", "optuna.journal", "progress.json",
-                "best/patchcore/brick/model.pt", "best/hvq_trans/brick/model.pt", "best/hvq_trans/brick/best.json",
+                "best/patchcore/brick/model.safetensors", "best/hvq_trans/brick/model.safetensors", "best/hvq_trans/brick/best.json",
                 "ensemble/ensemble.json", "results.csv", "results.md", "report.html", "times.json"):
         assert key in keys, (key, sorted(keys))
     assert f"[tune] report: {run}/report.html" in out.stdout
@@ -270,7 +270,7 @@ def test_a_run_in_a_bucket_resumes_from_the_bucket_on_another_machine(s3, tmp_pa
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     trials = pd.read_csv(io.BytesIO(s3.get_object(Bucket=BUCKET, Key="runs/r2/trials.csv")["Body"].read()))
     assert len(trials) == 3 and (trials["status"] == "ok").all()
-    assert "best/hvq_trans/pill/model.pt" in keys_under(s3, "runs/r2")
+    assert "best/hvq_trans/pill/model.safetensors" in keys_under(s3, "runs/r2")
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -286,7 +286,7 @@ def test_a_bad_run_uri_is_refused_before_ray_starts(s3, synthetic_root, option, 
 
 def test_run_files_are_uploaded_once_each_and_the_index_files_last(s3, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    for name in ("best.json", "config.json", "best/m/a/model.pt", "ensemble/ensemble.json", "ensemble/x.txt",
+    for name in ("best.json", "config.json", "best/m/a/model.safetensors", "ensemble/ensemble.json", "ensemble/x.txt",
                  "tune/search/state.json", ".uploaded.json.tmp"):
         (run / name).parent.mkdir(parents=True, exist_ok=True)
         (run / name).write_text(name)
@@ -305,7 +305,7 @@ def test_run_files_are_uploaded_once_each_and_the_index_files_last(s3, tmp_path,
     uri = f"s3://{BUCKET}/runs/up"
     assert storage.upload_folder(run, uri, exclude=("tune",), last=("best.json", "ensemble/ensemble.json")) == 5
     assert put[-2:] == ["best.json", "ensemble/ensemble.json"]
-    assert sorted(put) == ["best.json", "best/m/a/model.pt", "config.json", "ensemble/ensemble.json", "ensemble/x.txt"]
+    assert sorted(put) == ["best.json", "best/m/a/model.safetensors", "config.json", "ensemble/ensemble.json", "ensemble/x.txt"]
     put.clear()
     assert storage.upload_folder(run, uri, exclude=("tune",)) == 0 and put == []   # nothing changed
     (run / "config.json").write_text("changed")

@@ -218,8 +218,8 @@ def test_checkpoint_round_trip_keeps_scores_maps_and_gaussians(tmp_path):
     model.eval().fit_statistics(image_batches(3))
     images = image_batches(1, seed=5)[0]["image"]
     scores, maps = model.predict(images)
-    model.save(tmp_path / "t.pt")
-    loaded = load_model(tmp_path / "t.pt").eval()
+    model.save(tmp_path / "t.safetensors")
+    loaded = load_model(tmp_path / "t.safetensors").eval()
     assert loaded.config == model.config and loaded.weights_used == "random"
     assert loaded.cls_whitening.components.shape == model.cls_whitening.components.shape
     assert loaded.error_gaussian.precision_factor.shape == (2, 2)
