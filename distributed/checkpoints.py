@@ -35,11 +35,17 @@ def read_trial_state(location: str | Path) -> dict:
 
 
 def pickled_checkpoints(location: str | Path) -> list[str]:
-    """The pickled checkpoints of an earlier version in a run folder or its bucket (none are
-    loaded: ``python -m ensembles.convert`` rewrites them)."""
+    """The pickled checkpoints in a run folder or its bucket: those of an earlier version
+    (``*.pt``; ``python -m ensembles.convert`` rewrites them) and, on a local disk, any
+    ``.safetensors`` file that is a pickle. None of them is ever loaded."""
     if is_uri(location):
         return sorted(f"{location}/{key}" for key in object_stamps(str(location)) if key.endswith(PICKLED_SUFFIX))
-    return sorted(str(p) for p in Path(location).rglob(f"*{PICKLED_SUFFIX}") if p.is_file())
+    found = [p for p in Path(location).rglob(f"*{PICKLED_SUFFIX}") if p.is_file()]
+    for path in Path(location).rglob(f"*{checkpoint_files.SUFFIX}"):
+        with open(path, "rb") as f:
+            if checkpoint_files.kind_of(f.read(9)) == "pickle":
+                found.append(path)
+    return sorted(map(str, found))
 
 
 def strip_trial(trial_location: str | Path | None, storage: str | Path, trial_id: str | None) -> None:

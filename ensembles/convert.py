@@ -10,10 +10,10 @@ and written beside it as ``.safetensors``; then ``best.json`` files and ``ensemb
 it again finishes an interrupted conversion; a converted run is left as it is. ``RUN_DIR`` may
 also be an ensemble folder alone. A run in a bucket: copy it to a disk, convert it, copy it back.
 
-``--trust-pickles``: a file the weights-only loader refuses names the Python objects it would
-import (say ``numpy.core.multiarray.scalar``, or ``os.system`` in a malicious file); with this
-option those objects are allowed and the file is converted. Loading a pickle that way can run
-code: give it only for files you made yourself.
+``--trust-pickles``: a file the weights-only loader refuses is named with the Python objects it
+would import (say ``numpy._core.multiarray.scalar``, or ``builtins.exec`` in a malicious file);
+with this option such a file is unpickled in full and converted. That can run code: give it
+only for files you made yourself.
 
 Tune's own experiment state (``tune/``) stays as Tune wrote it (pickles, read by Tune's restore
 on ``--resume``): resume only runs from a location you trust.
@@ -22,7 +22,6 @@ on ``--resume``): resume only runs from a location you trust.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import pickle
 import sys
@@ -45,23 +44,10 @@ class ConvertError(ValueError):
     """A file that cannot be converted without trusting it, or that is not ours."""
 
 
-def import_global(name: str):
-    """The object a pickle names as ``module.qualname`` (imported: only under --trust-pickles)."""
-    parts = name.split(".")
-    for cut in range(len(parts) - 1, 0, -1):
-        try:
-            obj = importlib.import_module(".".join(parts[:cut]))
-        except ImportError:
-            continue
-        for attr in parts[cut:]:
-            obj = getattr(obj, attr)
-        return obj
-    raise ConvertError(f"cannot import {name!r}")
-
-
-def read_pickle(path: Path, trust: bool):
-    """A pickled checkpoint through torch's weights-only loader; the objects it refuses are
-    allowed only with ``trust``."""
+def read_pickle(path: Path, trust: bool, log=print):
+    """A pickled checkpoint through torch's weights-only loader; a file it refuses is unpickled in
+    full only with ``trust`` (the weights-only loader cannot be told to trust one file: the objects
+    it would need are found only one at a time, NumPy's dtype classes say)."""
     try:
         with torch.serialization.safe_globals(INERT_GLOBALS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -72,9 +58,9 @@ def read_pickle(path: Path, trust: bool):
     if not trust:
         raise ConvertError(f"{path}: the weights-only loader refused it: it names {needed}, which unpickling would "
                            "import and may call; not converted. If you made this file yourself, run again with "
-                           "--trust-pickles to allow exactly those")
-    with torch.serialization.safe_globals(INERT_GLOBALS + [import_global(name) for name in needed]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+                           "--trust-pickles")
+    log(f"[convert] {path}: unpickled in full (--trust-pickles), with {needed}")
+    return torch.load(path, map_location="cpu", weights_only=False)  # the one full unpickling: asked for by name
 
 
 def safetensors_bytes(content, path: Path) -> bytes:
@@ -148,7 +134,7 @@ def convert_run(folder: Path, trust: bool = False, log=print) -> dict[str, int]:
     files = pickled_files(folder)
     for path in files:  # all written before anything is removed: an interruption loses nothing
         target = path.with_suffix(SUFFIX)
-        write(target, safetensors_bytes(read_pickle(path, trust), path))
+        write(target, safetensors_bytes(read_pickle(path, trust, log), path))
         log(f"[convert] {path.relative_to(folder)} -> {target.name}")
     ensembles = [p.parent for p in sorted(folder.rglob(CONFIG_FILE))]
     done = {"files": len(files), "best": update_best_files(folder),

@@ -204,13 +204,13 @@ def checked_member(folder: Path, rel: str, digests: dict[str, str], where: str) 
     """``member_path``, its file present and its SHA-256 the one recorded in ``digests``."""
     path = member_path(folder, rel, where)
     if not path.is_file():
-        raise EnsembleError(f"{where} is missing: {folder / rel}")
+        raise EnsembleError(f"{where} is missing: {path}")
     if rel not in digests:
         raise EnsembleError(f"{where}: no SHA-256 is recorded for {rel!r} in {folder / CONFIG_FILE}; "
                             "rebuild the ensemble (or convert it: python -m ensembles.convert RUN_DIR)")
     found = file_sha256(path)
     if found != digests[rel]:
-        raise EnsembleError(f"{folder / rel} changed since the ensemble was written (SHA-256 {found[:16]}..., recorded "
+        raise EnsembleError(f"{path} changed since the ensemble was written (SHA-256 {found[:16]}..., recorded "
                             f"{digests[rel][:16]}...): it is not loaded. A tampered or half-copied member file: "
                             "copy the run folder again, or rebuild the ensemble")
     return path
