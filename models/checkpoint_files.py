@@ -71,10 +71,11 @@ def write(path: str | os.PathLike, data: bytes) -> None:
 def kind_of(head: bytes) -> str:
     """``safetensors``, ``pickle`` (``torch.save``'s zip archive or a bare pickle) or ``unknown``,
     from a file's first bytes."""
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        return "pickle"
+    # safetensors first: its header length may start with the byte 0x80 that opens a pickle
     if len(head) >= 9 and head[8:9] == b"{" and 0 < struct.unpack("<Q", head[:8])[0] <= HEADER_LIMIT:
         return "safetensors"
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+        return "pickle"
     return "unknown"
 
 

@@ -112,3 +112,22 @@ def test_a_running_trial_keeps_optimizer_state_in_its_latest_checkpoint_only(tmp
     strip_all_but_latest(tmp_path)
     kept = [read_trial_state(tmp_path / f"checkpoint_{e:06d}" / CHECKPOINT_STATE)["optimizer"] for e in range(3)]
     assert kept[0] is None and kept[1] is None and kept[2] is not None
+
+
+def test_the_first_bytes_tell_a_checkpoint_from_a_pickle_whatever_its_header_length(tmp_path):
+    import io
+    import pickle
+
+    lengths = set()
+    for pad in range(300):   # header lengths of every low byte, 0x80 (a pickle's first byte) among them
+        data = checkpoint_files.encode({"w": torch.zeros(2)}, {"pad": "x" * pad})
+        lengths.add(data[0])
+        assert checkpoint_files.kind_of(data[:9]) == "safetensors", pad
+        assert checkpoint_files.decode(data, "f")[1] == {"pad": "x" * pad}
+    assert 0x80 in lengths
+    buffer = io.BytesIO()
+    torch.save({"w": torch.zeros(2)}, buffer)
+    assert checkpoint_files.kind_of(buffer.getvalue()[:9]) == "pickle"
+    for protocol in (2, 3, 4, 5):
+        assert checkpoint_files.kind_of(pickle.dumps({"a": 1}, protocol=protocol)[:9]) == "pickle"
+    assert checkpoint_files.kind_of(b"hello, world") == "unknown"
