@@ -237,7 +237,7 @@ def test_ensemble_folder_errors(tmp_path):
     with pytest.raises(EnsembleError, match="ensemble.json is missing"):
         Ensemble.load(tmp_path)
     (tmp_path / "ensemble.json").write_text(json.dumps({"format": 0, "classes": {}}))
-    with pytest.raises(EnsembleError, match="has format 0; this version reads format 1"):
+    with pytest.raises(EnsembleError, match="has format 0; this version reads format 2"):
         Ensemble.load(tmp_path)
 
 

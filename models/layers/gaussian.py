@@ -39,7 +39,7 @@ class PCAWhitening(nn.Module):
         rank = int((variance > 1e-10 * variance[0]).sum())
         k = max(1, min(k, rank))
         self.mean = mean.float()
-        self.components = vh[:k].float()
+        self.components = vh[:k].float().contiguous()  # as a checkpoint stores it: a reload computes the same
         self.scale = variance[:k].sqrt().float()
 
     def forward(self, features: Tensor) -> Tensor:
