@@ -26,6 +26,7 @@ from anomaly_data.storage import (StorageError, check_reachable, is_file, is_uri
 from anomaly_data.synthetic import ensure_dataset
 from distributed.trial import trains_in_trial
 from ensembles.run_folder import CONFIG_FILE, TRAIN_DIR, TUNE_DIR
+from models.training import PRECISIONS
 from models import model_names
 
 DRIVER_CPU = 0.1  # a trial only drives Train workers: a fraction of a CPU is enough
@@ -63,6 +64,10 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="GPUs per Train worker (default: 1 when the cluster has GPUs, else 0)")
     g.add_argument("--max-concurrent", type=int, default=None,
                    help="runs at the same time (default: as many as the cluster's resources fit)")
+    g.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the trained members' training forward and backward: auto (default) is bf16 autocast on "
+                        "a GPU that has it, fp16 with a gradient scaler on one that has not, fp32 on CPUs; "
+                        "distances, statistics and validation stay float32")
     g.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto or HOST:PORT); "
                                                    "default: start a local Ray instance")
     g.add_argument("--run-dir", default=None,
@@ -140,6 +145,8 @@ class RunContext:
     """The run's bucket URI; ``run_dir`` is then this machine's staging copy of the run's own files."""
     cluster: dict[str, Any] = field(default_factory=dict)
     """What the cluster has (CPUs, GPUs, nodes), as ``fill_resources`` found it."""
+    precision: str = "auto"
+    """The trained members' training precision (``models.training.resolve_precision``)."""
 
     @property
     def location(self) -> str:
@@ -166,7 +173,8 @@ def prepare_run(args, models: list[str]) -> RunContext:
     classes = list(records)
     run_dir, run_uri = resolve_run_dir(args.run_dir, resuming=getattr(args, "resume", None) is not None)
     return RunContext(kind, root, local, classes, models, run_dir, args.address, args.workers, args.cpus_per_worker,
-                      args.gpus_per_worker, args.max_concurrent, args.seed, records, run_uri)
+                      args.gpus_per_worker, args.max_concurrent, args.seed, records, run_uri,
+                      precision=args.precision)
 
 
 def resolve_run_dir(given: str | None, resuming: bool) -> tuple[Path, str | None]:
@@ -242,6 +250,9 @@ def fill_resources(ctx: RunContext) -> None:
         ctx.gpus_per_worker = 1.0 if gpus >= 1 else 0.0
     if ctx.cpus_per_worker is None:
         ctx.cpus_per_worker = 1.0 if cpus > 2 else 0.9
+    if ctx.precision == "fp16" and ctx.gpus_per_worker == 0:
+        raise CliError("--precision fp16 trains on GPUs only (its gradient scaler is CUDA's), and this run's "
+                       "workers have none: use bf16 or fp32, or give the workers GPUs (--gpus-per-worker)")
     per_trial_cpu = trial_cpus(ctx)
     per_trial_gpu = ctx.workers * ctx.gpus_per_worker
     fits = math.floor(cpus / per_trial_cpu + 1e-9)

@@ -144,10 +144,11 @@ def check_first_point(spec: StudySpec) -> None:
     checked(lambda: spec_job(spec, "", "").with_trial({**points[0], **derived}), f"{spec.key} (first point of the search)")
 
 
-def spec_job(spec: StudySpec, dataset: str, root: str, seed: int = 0, skip_bad_images: bool = False) -> TrainJob:
+def spec_job(spec: StudySpec, dataset: str, root: str, seed: int = 0, skip_bad_images: bool = False,
+             precision: str = "auto") -> TrainJob:
     """The ``TrainJob`` that trains ``spec`` before the search changes anything."""
     return TrainJob(model=spec.model, dataset=dataset, root=root, classes=tuple(spec.classes), config=spec.config,
-                    recipe=spec.recipe, seed=seed, skip_bad_images=skip_bad_images)
+                    recipe=spec.recipe, seed=seed, skip_bad_images=skip_bad_images, precision=precision)
 
 
 def training_images(records: dict, classes, val_fraction: float, seed: int) -> int:

@@ -35,7 +35,8 @@ from ensembles.run_folder import CONFIG_FILE, TRAIN_DIR, TUNE_DIR, group_key, sy
 
 def spec_jobs(ctx: RunContext, specs: dict, skip_bad_images: bool) -> dict[str, TrainJob]:
     """Per study key, the training job of its spec (``distributed.spec``) on this run's data."""
-    return {key: spec_job(spec, ctx.dataset, str(ctx.root), ctx.seed, skip_bad_images) for key, spec in specs.items()}
+    return {key: spec_job(spec, ctx.dataset, str(ctx.root), ctx.seed, skip_bad_images, ctx.precision)
+            for key, spec in specs.items()}
 
 
 def run_grid(ctx: RunContext, specs: dict, skip_bad_images: bool) -> str:

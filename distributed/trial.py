@@ -40,7 +40,8 @@ from ensembles.run_folder import TRAIN_RUN_PREFIX
 from models import ModelConfig, load_model, model_class
 from models.checkpoint_files import encode_trial_state
 from models.config import Recipe
-from models.training import NonFiniteLossError, make_lr_schedule, make_optimizer, score_loader, train_epoch, unwrap
+from models.training import (NonFiniteLossError, make_grad_scaler, make_lr_schedule, make_optimizer, resolve_precision,
+                             score_loader, train_epoch, unwrap, use_fast_kernels)
 
 METRIC = "val_score"
 SPLITS_CACHE = DEFAULT_CACHE_ROOT / "splits"
@@ -66,6 +67,8 @@ class TrainJob:
     val_fraction: float = 0.2
     seed: int = 0
     skip_bad_images: bool = False
+    precision: str = "auto"
+    """The training forward's precision (``models.training.resolve_precision``); validation is float32."""
 
     @classmethod
     def of(cls, model: str, dataset: str, root: str, classes, preset: str = "fast", recipe: dict | None = None,
@@ -220,6 +223,9 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
     recipe = job.recipe
     optimizer = make_optimizer(model, recipe.lr, recipe)
     schedule = make_lr_schedule(optimizer, recipe)
+    precision = resolve_precision(job.precision, session.device)
+    scaler = make_grad_scaler(precision, session.device)
+    use_fast_kernels(session.device)
     start = 0
     checkpoint = session.checkpoint()
     if checkpoint is not None:
@@ -234,7 +240,7 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
             loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
         try:
-            parts = train_epoch(model, loader, optimizer, session.device, recipe.grad_clip)
+            parts = train_epoch(model, loader, optimizer, session.device, recipe.grad_clip, precision, scaler)
         except NonFiniteLossError as err:
             # metrics are kept only with a checkpoint: attach a tiny one saying why
             session.report({"epoch": epoch + 1, "diverged": 1, METRIC: float("nan"), "train_loss": float("nan"),
@@ -244,7 +250,7 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
         if schedule is not None:
             schedule.step()
         metrics = {"epoch": epoch + 1, "train_loss": parts["loss"], "epoch_seconds": time.perf_counter() - started,
-                   "node": session.node}
+                   "node": session.node, "precision": precision}
         if session.rank == 0:
             net = unwrap(model)
             net.eval()

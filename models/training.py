@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from typing import Any, Callable, Iterable
@@ -28,6 +29,45 @@ def move_batch(batch: dict[str, Any], device) -> dict[str, Any]:
 
 
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_precision(precision: str, device) -> str:
+    """``fp32``, ``bf16`` or ``fp16`` for ``precision`` on ``device``: ``auto`` is bf16 on a GPU
+    that has it, fp16 (with a gradient scaler) on one that has not, fp32 on a CPU."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    device = torch.device(device)
+    if precision != "auto":
+        if precision == "fp16" and device.type != "cuda":
+            raise ValueError("--precision fp16 needs a GPU (its gradient scaler is CUDA's); use bf16 or fp32 on a CPU")
+        return precision
+    if device.type != "cuda":
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def autocast(precision: str, device):
+    """The trained members' forward under ``precision`` (a no-op context for fp32). Distances,
+    statistics and metrics leave it where they are computed (``torch.autocast(enabled=False)``)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=AUTOCAST_DTYPES[precision])
+
+
+def make_grad_scaler(precision: str, device) -> torch.amp.GradScaler | None:
+    """fp16 needs its loss scaled so that small gradients do not underflow; bf16 and fp32 do not."""
+    return torch.amp.GradScaler(torch.device(device).type) if precision == "fp16" else None
+
+
+def use_fast_kernels(device) -> None:
+    """On a GPU: TF32 for float32 matmuls and convolutions, cuDNN picking the fastest algorithm
+    for the (fixed) input size."""
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
 
 
 def make_optimizer(model: nn.Module, lr: float, recipe: Recipe | None = None) -> torch.optim.Optimizer:
@@ -56,33 +96,44 @@ def all_ranks_finite(value: torch.Tensor) -> bool:
 
 
 def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
-               grad_clip: float = 1.0) -> dict[str, float]:
+               grad_clip: float = 1.0, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None
+               ) -> dict[str, float]:
     """One optimisation step on ``batch``; returns the loss parts as floats.
 
     ``model`` may be DDP-wrapped: the loss is computed through the wrapper's ``forward``
     (which calls ``loss``) so that gradient all-reduce hooks fire. A non-finite loss on any
-    rank raises ``NonFiniteLossError`` on every rank.
+    rank raises ``NonFiniteLossError`` on every rank. ``precision`` (``resolve_precision``)
+    runs the forward under autocast; fp16 needs ``scaler`` (``make_grad_scaler``).
     """
     model.train()
-    losses = model(batch) if isinstance(model, nn.parallel.DistributedDataParallel) else model.loss(batch)
-    total = losses["loss"]
+    device = batch["image"].device
+    with autocast(precision, device):
+        losses = model(batch) if isinstance(model, nn.parallel.DistributedDataParallel) else model.loss(batch)
+    total = losses["loss"].float()
     if not all_ranks_finite(total):
         raise NonFiniteLossError(f"{unwrap(model).name}: loss is {total.item()} (diverged); "
                                  "lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
-    total.backward()
+    (scaler.scale(total) if scaler is not None else total).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # clipping sees the true gradients
     if grad_clip:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], grad_clip)
-    optimizer.step()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped when the scaled gradients overflowed
+        scaler.update()
+    else:
+        optimizer.step()
     return {k: float(v.detach()) for k, v in losses.items()}
 
 
 def train_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimizer, device="cpu",
-                grad_clip: float = 1.0) -> dict[str, float]:
+                grad_clip: float = 1.0, precision: str = "fp32",
+                scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
     sums: dict[str, float] = {}
     n = 0
     for batch in loader:
-        parts = train_step(model, move_batch(batch, device), optimizer, grad_clip)
+        parts = train_step(model, move_batch(batch, device), optimizer, grad_clip, precision, scaler)
         for k, v in parts.items():
             sums[k] = sums.get(k, 0.0) + v
         n += 1
@@ -126,12 +177,14 @@ def score_loader(model: nn.Module, loader: Iterable[dict[str, Any]], device="cpu
 
 def fit(model: AnomalyModel, train_loader, epochs: int, lr: float = 1e-3, device="cpu",
         recipe: Recipe | None = None,
-        on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> list[dict[str, float]]:
+        on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        precision: str = "fp32") -> list[dict[str, float]]:
     """Train ``model`` for ``epochs`` on normal images, then fit its statistics.
 
     ``recipe`` gives the optimiser, clipping and schedule (default: ``Recipe()``); ``epochs``
-    and ``lr`` win over its own. A model that is fitted, not trained (``model.trains`` is
-    False) gets its one ``fit_statistics`` pass only."""
+    and ``lr`` win over its own. ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16`` for the
+    training forward (``resolve_precision``). A model that is fitted, not trained
+    (``model.trains`` is False) gets its one ``fit_statistics`` pass only."""
     if epochs < 1 or not math.isfinite(lr) or lr <= 0:
         raise ValueError(f"need epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}")
     model.to(device)
@@ -142,9 +195,11 @@ def fit(model: AnomalyModel, train_loader, epochs: int, lr: float = 1e-3, device
     recipe = dataclasses.replace(recipe or Recipe(), lr=lr, epochs=epochs)
     optimizer = make_optimizer(model, lr, recipe)
     schedule = make_lr_schedule(optimizer, recipe)
+    precision = resolve_precision(precision, device)
+    scaler = make_grad_scaler(precision, device)
     history = []
     for epoch in range(epochs):
-        parts = train_epoch(model, train_loader, optimizer, device, recipe.grad_clip)
+        parts = train_epoch(model, train_loader, optimizer, device, recipe.grad_clip, precision, scaler)
         history.append(parts)
         if schedule is not None:
             schedule.step()

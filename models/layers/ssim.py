@@ -23,6 +23,11 @@ def ssim_map(x: Tensor, y: Tensor, data_range: float | Tensor | None = None) -> 
     C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = ``data_range``; None takes the target's range over
     the batch, so one function fits normalised images and unbounded CNN features.
     """
+    with torch.autocast(x.device.type, enabled=False):  # E[x^2] - E[x]^2 cancels badly below float32
+        return _ssim_map(x.float(), y.float(), data_range)
+
+
+def _ssim_map(x: Tensor, y: Tensor, data_range: float | Tensor | None) -> Tensor:
     c = x.shape[1]
     k = _ssim_kernel(x.device, x.dtype)
     r = SSIM_WINDOW // 2
