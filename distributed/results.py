@@ -38,8 +38,8 @@ def trial_rows(grid, model: str | None = None) -> list[dict]:
         found = best_reported(result)
         row["best_val_score"] = found[0] if found else float("nan")  # the other val_* are the last epoch's
         for k, v in metrics.items():
-            if k.startswith("val_") or k in ("epoch", "train_loss", "epoch_seconds", "diverged", "node", "precision", METRIC,
-                                             PLACEMENT_GROUP_KEY):
+            if k.startswith("val_") or k in ("epoch", "train_loss", "epoch_seconds", "diverged", "node", "precision",
+                                             METRIC, PLACEMENT_GROUP_KEY):
                 row[k] = v
         for k, v in pd.json_normalize(cfg, sep="/").iloc[0].items():
             if k not in ("model", "classes"):
