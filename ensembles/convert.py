@@ -147,7 +147,8 @@ def convert_run(folder: Path, trust: bool = False, log=print) -> dict[str, int]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m ensembles.convert", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir", type=Path, help="a run folder of distributed.tune / distributed.train, or an ensemble folder")
+    p.add_argument("run_dir", type=Path,
+                   help="a run folder of distributed.tune / distributed.train, or an ensemble folder")
     p.add_argument("--trust-pickles", action="store_true",
                    help="allow the objects a pickled file names beyond tensors and plain values (can run code: "
                         "only for files you made)")

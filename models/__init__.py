@@ -130,6 +130,6 @@ def model_from_full_state(ckpt: dict, path: Path) -> AnomalyModel:
     return model
 
 
-__all__ = ["AnomalyModel", "ConfigError", "ModelConfig", "create_model", "load_model", "model_class", "model_from_checkpoint",
-           "model_names", "register_model"]
+__all__ = ["AnomalyModel", "ConfigError", "ModelConfig", "create_model", "load_model", "model_class",
+           "model_from_checkpoint", "model_names", "register_model"]
 

@@ -59,7 +59,8 @@ def test_a_backbone_that_rebuilds_differently_is_a_clear_error(tmp_path):
 
 def test_a_checkpoint_of_another_format_or_kind_is_refused_by_name(tmp_path):
     net = small("haloae")
-    checkpoint_files.write(tmp_path / "new.safetensors", checkpoint_files.encode_model({**net.checkpoint(), "format": 99}))
+    checkpoint_files.write(tmp_path / "new.safetensors",
+                           checkpoint_files.encode_model({**net.checkpoint(), "format": 99}))
     with pytest.raises(ConfigError, match=r"new.safetensors is not a model checkpoint this version reads \(format 3; found 99"):
         load_model(tmp_path / "new.safetensors")
     (tmp_path / "text.safetensors").write_text("hello")
