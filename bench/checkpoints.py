@@ -4,9 +4,9 @@
 
 Sizes are of ``.safetensors`` files, the format ``model.save`` writes. "all tensors" is a file
 with every tensor, the frozen backbone's included; "lean" is what ``model.save`` writes
-(trainable parameters and fitted statistics only; the backbone is rebuilt from the config and checked against a digest); "optimizer" is the AdamW state a
-resumable checkpoint adds (two tensors per trainable parameter), kept only in the latest
-checkpoint of an unfinished trial. Weights "none" (offline); sizes do not depend on the weights.
+(trainable parameters and fitted statistics only; the backbone is rebuilt from the config and
+checked against a digest); "optimizer" is the AdamW state a resumable checkpoint adds (two
+tensors per trainable parameter), kept only in the latest checkpoint of an unfinished trial. Weights "none" (offline); sizes do not depend on the weights.
 With ``--demo-run`` it also prints the size of a run folder (e.g. the offline demo's) and how
 long its ensemble takes to load (``Ensemble.load`` on the CPU, in a fresh process, the fastest of
 ``LOAD_REPEATS``; imports not counted).
