@@ -98,7 +98,8 @@ def study_recipe(model: str, preset: str, overrides: dict[str, Any], n_train: in
     if not cls.trains:
         passes, note = 1, "fitted in one pass (no training)"
     elif epochs_cap is not None and epochs_cap < passes:
-        passes, note = epochs_cap, f"{epochs_cap} epoch(s) (--epochs; the preset's: {note})"
+        passes, note = epochs_cap, (f"{epochs_cap} epoch(s): --epochs cuts the preset's recipe to "
+                                    f"{100 * epochs_cap / passes:.1f} % of it (the preset's: {note})")
     return recipe.replace(epochs=passes, samples_per_epoch=0), note
 
 

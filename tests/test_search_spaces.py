@@ -48,7 +48,9 @@ def test_the_paper_recipes_are_the_papers():
     assert (vit.lr, vit.batch_size, vit.epochs) == (1e-4, 32, 30)
     # HaloAE counts 3000 samples per epoch: 251 x 3000 samples over 200 images are 3765 passes
     assert spec_of("haloae", "paper", n_train=200).recipe.epochs == 3765
-    assert build_spec("k", "haloae", ("c",), "paper", {}, 200, epochs_cap=5).recipe.epochs == 5
+    capped = build_spec("k", "haloae", ("c",), "paper", {}, 200, epochs_cap=5)
+    assert capped.recipe.epochs == 5
+    assert "--epochs cuts the preset's recipe to 0.1 % of it" in capped.epochs_note   # 5 of 3765 passes, said
     assert spec_of("transformaly", "paper").recipe.epochs == 30
 
 
