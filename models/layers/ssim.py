@@ -23,8 +23,9 @@ def ssim_map(x: Tensor, y: Tensor, data_range: float | Tensor | None = None) -> 
     C1 = (0.01 L)^2, C2 = (0.03 L)^2 with L = ``data_range``; None takes the target's range over
     the batch, so one function fits normalised images and unbounded CNN features.
     """
-    with torch.autocast(x.device.type, enabled=False):  # E[x^2] - E[x]^2 cancels badly below float32
-        return _ssim_map(x.float(), y.float(), data_range)
+    dtype = torch.promote_types(x.dtype, torch.float32)  # float32 at least: E[x^2] - E[x]^2 cancels badly below
+    with torch.autocast(x.device.type, enabled=False):
+        return _ssim_map(x.to(dtype), y.to(dtype), data_range)
 
 
 def _ssim_map(x: Tensor, y: Tensor, data_range: float | Tensor | None) -> Tensor:
