@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from ensembles.ensemble import CONFIG_FILE, FORMAT, file_sha256
-from ensembles.run_folder import BEST_INDEX_FILE, BEST_INFO_FILE
+from ensembles.run_folder import BEST_INDEX_FILE, BEST_INFO_FILE, STUDIES_FILE
 from models import ConfigError, model_from_full_state
 from models.base import CHECKPOINT_FORMAT
 from models.checkpoint_files import SUFFIX, encode_model, encode_trial_state, kind_of, write
@@ -90,18 +90,21 @@ def renamed(text: str) -> str:
     return str(Path(text).with_suffix(SUFFIX)) if Path(text).suffix in PICKLE_SUFFIXES else text
 
 
-def update_best_files(run: Path) -> int:
-    """``best.json`` (the index and each ``best/<model>/<classes>/best.json``): checkpoints renamed."""
+def update_index_files(run: Path) -> int:
+    """The run's JSON files that name checkpoints, renamed: ``best.json`` (the index and each
+    ``best/<model>/<classes>/best.json``: ``checkpoint``) and ``studies.json`` (``best``)."""
     count = 0
-    for path in [run / BEST_INDEX_FILE, *sorted(run.glob(f"best/*/*/{BEST_INFO_FILE}"))]:
+    files = [(run / BEST_INDEX_FILE, "checkpoint"), (run / STUDIES_FILE, "best"),
+             *((p, "checkpoint") for p in sorted(run.glob(f"best/*/*/{BEST_INFO_FILE}")))]
+    for path, key in files:
         if not path.is_file():
             continue
         data = json.loads(path.read_text())
-        entries = data if isinstance(data, list) else [data]
-        if any("checkpoint" in e and renamed(e["checkpoint"]) != e["checkpoint"] for e in entries):
+        entries = data if isinstance(data, list) else list(data.values()) if path.name == STUDIES_FILE else [data]
+        entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get(key), str)]
+        if any(renamed(e[key]) != e[key] for e in entries):
             for e in entries:
-                if "checkpoint" in e:
-                    e["checkpoint"] = renamed(e["checkpoint"])
+                e[key] = renamed(e[key])
             path.write_text(json.dumps(data, indent=2, default=str) + "\n")
             count += 1
     return count
@@ -137,7 +140,7 @@ def convert_run(folder: Path, trust: bool = False, log=print) -> dict[str, int]:
         write(target, safetensors_bytes(read_pickle(path, trust, log), path))
         log(f"[convert] {path.relative_to(folder)} -> {target.name}")
     ensembles = [p.parent for p in sorted(folder.rglob(CONFIG_FILE))]
-    done = {"files": len(files), "best": update_best_files(folder),
+    done = {"files": len(files), "best": update_index_files(folder),
             "ensembles": sum(update_ensemble(e) for e in ensembles)}
     for path in files:
         path.unlink()
@@ -150,16 +153,16 @@ def main(argv=None) -> int:
     p.add_argument("run_dir", type=Path,
                    help="a run folder of distributed.tune / distributed.train, or an ensemble folder")
     p.add_argument("--trust-pickles", action="store_true",
-                   help="allow the objects a pickled file names beyond tensors and plain values (can run code: "
-                        "only for files you made)")
+                   help="unpickle in full a file the weights-only loader refuses (can run code: only for files "
+                        "you made)")
     a = p.parse_args(argv)
     try:
         done = convert_run(a.run_dir, a.trust_pickles)
     except (ConvertError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(f"[convert] {a.run_dir}: {done['files']} file(s) rewritten as {SUFFIX}, {done['best']} best.json updated, "
-          f"{done['ensembles']} ensemble(s) updated")
+    print(f"[convert] {a.run_dir}: {done['files']} file(s) rewritten as {SUFFIX}, {done['best']} index file(s) "
+          f"updated, {done['ensembles']} ensemble(s) updated")
     return 0
 
 

@@ -226,7 +226,11 @@ def test_convert_turns_format_1_checkpoints_and_trial_states_into_the_present_fo
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad])
     torch.save({"optimizer": optimizer.state_dict(), "epoch": 4, "metrics": {"val_score": 0.5}, "job": {"seed": 0},
                 "rng": torch.get_rng_state()}, tmp_path / "state.pt")
-    assert convert_run(tmp_path, log=lambda _: None)["files"] == 2
+    (tmp_path / "studies.json").write_text(json.dumps({"haloae-c": {"best": str(tmp_path / "model.pt"), "trials": 1}}))
+    (tmp_path / "best.json").write_text(json.dumps([{"model": "haloae", "checkpoint": str(tmp_path / "model.pt")}]))
+    assert convert_run(tmp_path, log=lambda _: None) == {"files": 2, "best": 2, "ensembles": 0}
+    assert json.loads((tmp_path / "studies.json").read_text())["haloae-c"]["best"] == str(tmp_path / "model.safetensors")
+    assert json.loads((tmp_path / "best.json").read_text())[0]["checkpoint"] == str(tmp_path / "model.safetensors")
     images = torch.rand(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(load_model(tmp_path / "model.safetensors").eval().anomaly_map(images), net.anomaly_map(images))
