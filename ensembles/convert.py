@@ -5,8 +5,9 @@
 Every pickled checkpoint under ``RUN_DIR`` (``torch.save`` files: ``best/*/*/model.pt``,
 ``ensemble/members/*/*.pt``, a trial's ``checkpoint_*/model.pt`` and ``state.pt``) is read with
 torch's weights-only loader, which builds tensors and plain values and refuses anything else,
-and written beside it as ``.safetensors``; then ``best.json`` files and ``ensemble/ensemble.json``
-(the member files, their SHA-256, format 2) are updated and the pickled files removed. Running
+and written beside it as ``.safetensors``; then ``best.json`` files, ``studies.json`` and
+``ensemble/ensemble.json`` (the member files, their SHA-256, format 2) are updated and the pickled
+files removed. Running
 it again finishes an interrupted conversion; a converted run is left as it is. ``RUN_DIR`` may
 also be an ensemble folder alone. A run in a bucket: copy it to a disk, convert it, copy it back.
 
