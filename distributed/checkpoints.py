@@ -41,10 +41,7 @@ def pickled_checkpoints(location: str | Path) -> list[str]:
     if is_uri(location):
         return sorted(f"{location}/{key}" for key in object_stamps(str(location)) if key.endswith(PICKLED_SUFFIX))
     found = [p for p in Path(location).rglob(f"*{PICKLED_SUFFIX}") if p.is_file()]
-    for path in Path(location).rglob(f"*{checkpoint_files.SUFFIX}"):
-        with open(path, "rb") as f:
-            if checkpoint_files.kind_of(f.read(9)) == "pickle":
-                found.append(path)
+    found += [p for p in Path(location).rglob(f"*{checkpoint_files.SUFFIX}") if checkpoint_files.is_pickle(p)]
     return sorted(map(str, found))
 
 

@@ -34,7 +34,7 @@ from ensembles.ensemble import CONFIG_FILE, FORMAT, file_sha256
 from ensembles.run_folder import BEST_INDEX_FILE, BEST_INFO_FILE, STUDIES_FILE
 from models import ConfigError, model_from_full_state
 from models.base import CHECKPOINT_FORMAT
-from models.checkpoint_files import SUFFIX, encode_model, encode_trial_state, kind_of, write
+from models.checkpoint_files import SUFFIX, encode_model, encode_trial_state, is_pickle, write
 
 PICKLE_SUFFIXES = (".pt", ".pth")
 # what our own pickled checkpoints hold besides tensors and plain values: torch.__version__ (a str)
@@ -77,14 +77,9 @@ def safetensors_bytes(content, path: Path) -> bytes:
     raise ConvertError(f"{path} is not a model checkpoint or trial state of this package; left as it is")
 
 
-def first_bytes(path: Path) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(9)
-
-
 def pickled_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file()
-                  and kind_of(first_bytes(p)) == "pickle")
+                  and is_pickle(p))
 
 
 def renamed(text: str) -> str:

@@ -42,7 +42,7 @@ from anomaly_data.storage import check_reachable, is_uri, local_mirror, parse_lo
 from anomaly_data.transforms import resize_image
 from ensembles.fusion import QuantileNormalizer, RankTable, blur, fuse_maps
 from ensembles.runtime import path_within
-from models import ConfigError, load_model
+from models import ConfigError, model_from_bytes
 from models.checkpoint_files import CONVERT_HINT
 
 FORMAT = 2  # 1: before member files were .safetensors with their SHA-256 recorded (ensembles.convert)
@@ -200,20 +200,22 @@ def member_path(folder: Path, rel: str, where: str) -> Path:
     return target
 
 
-def checked_member(folder: Path, rel: str, digests: dict[str, str], where: str) -> Path:
-    """``member_path``, its file present and its SHA-256 the one recorded in ``digests``."""
+def checked_member(folder: Path, rel: str, digests: dict[str, str], where: str) -> tuple[Path, bytes]:
+    """``member_path`` and the file's bytes, read once: present, and its SHA-256 the one recorded
+    in ``digests``."""
     path = member_path(folder, rel, where)
     if not path.is_file():
         raise EnsembleError(f"{where} is missing: {path}")
     if rel not in digests:
         raise EnsembleError(f"{where}: no SHA-256 is recorded for {rel!r} in {folder / CONFIG_FILE}; "
                             "rebuild the ensemble (or convert it: python -m ensembles.convert RUN_DIR)")
-    found = file_sha256(path)
+    data = path.read_bytes()
+    found = hashlib.sha256(data).hexdigest()
     if found != digests[rel]:
         raise EnsembleError(f"{path} changed since the ensemble was written (SHA-256 {found[:16]}..., recorded "
                             f"{digests[rel][:16]}...): it is not loaded. A tampered or half-copied member file: "
                             "copy the run folder again, or rebuild the ensemble")
-    return path
+    return path, data
 
 
 def local_ensemble(uri: str) -> Path:
@@ -265,15 +267,17 @@ class Ensemble:
                                 f"{FORMAT}: rebuild the ensemble with this version (python -m distributed.tune)")
         fusions = {name: ClassFusion(**f) for name, f in config["classes"].items()}
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        paths = {rel: checked_member(folder, rel, config.get("files", {}),
-                                     f"member {model} of class {fusion.class_name}")
-                 for fusion in fusions.values() for model, rel in fusion.member_files.items()}
         members = {}
-        for rel, path in paths.items():
-            try:
-                members[rel] = load_model(path).to(device).eval()
-            except ConfigError as err:
-                raise EnsembleError(str(err)) from None
+        for fusion in fusions.values():
+            for model, rel in fusion.member_files.items():
+                if rel in members:
+                    continue
+                path, data = checked_member(folder, rel, config.get("files", {}),
+                                            f"member {model} of class {fusion.class_name}")
+                try:
+                    members[rel] = model_from_bytes(data, path, device).eval()
+                except ConfigError as err:
+                    raise EnsembleError(str(err)) from None
         return cls(fusions, members, folder, device, config.get("data"))
 
     def save(self, folder, sources: dict[str, Path]) -> Path:

@@ -80,11 +80,19 @@ def load_model(path, map_location="cpu") -> AnomalyModel:
     weights source (a random one from its fixed seed) and must match the digest saved with it.
     A pickled checkpoint of an earlier version is refused with how to convert it
     (``python -m ensembles.convert``)."""
-    tensors, meta = checkpoint_files.read(path)
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return model_from_bytes(path.read_bytes(), path, map_location)
+
+
+def model_from_bytes(data: bytes, path: Path, map_location="cpu") -> AnomalyModel:
+    """``load_model`` of a checkpoint file's bytes, already read (``path`` names it in errors)."""
+    tensors, meta = checkpoint_files.decode(data, str(path))
     if meta.get("format") != CHECKPOINT_FORMAT or "model" not in meta:
         raise ConfigError(f"{path} is not a model checkpoint this version reads (format {CHECKPOINT_FORMAT}; found "
                           f"{meta.get('format')!r}, kind {meta.get('kind')!r}): retrain it with this version")
-    return model_from_checkpoint({**meta, "state_dict": tensors}, Path(path)).to(map_location)
+    return model_from_checkpoint({**meta, "state_dict": tensors}, path).to(map_location)
 
 
 def model_from_checkpoint(ckpt: dict, path: Path) -> AnomalyModel:
@@ -131,5 +139,5 @@ def model_from_full_state(ckpt: dict, path: Path) -> AnomalyModel:
 
 
 __all__ = ["AnomalyModel", "ConfigError", "ModelConfig", "create_model", "load_model", "model_class",
-           "model_from_checkpoint", "model_names", "register_model"]
+           "model_from_bytes", "model_from_checkpoint", "model_names", "register_model"]
 

@@ -79,6 +79,12 @@ def kind_of(head: bytes) -> str:
     return "unknown"
 
 
+def is_pickle(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is a pickle, from its first bytes (nothing else is read)."""
+    with open(path, "rb") as f:
+        return kind_of(f.read(9)) == "pickle"
+
+
 def refuse_unless_safetensors(head: bytes, name: str) -> None:
     kind = kind_of(head)
     if kind == "pickle":
@@ -122,20 +128,6 @@ def read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, An
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     return decode(path.read_bytes(), str(path))
-
-
-def read_meta(path: str | os.PathLike) -> dict[str, Any]:
-    """A checkpoint file's JSON document alone (its header, not its tensors)."""
-    path = Path(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
-        refuse_unless_safetensors(head, str(path))
-        f.seek(8)
-        try:
-            header = json.loads(f.read(struct.unpack("<Q", head[:8])[0]))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path} is damaged or incomplete ({err}); copy it again or retrain") from None
-    return meta_of(header, str(path))
 
 
 # ----- a trial's state: what a resume needs besides the model -----------------------------
