@@ -8,7 +8,8 @@ ensemble's runtime (``ensembles.runtime``) runs where torch is not installed.
 import importlib
 
 _WHERE = {
-    "ArrayDataset": "datasets", "load_records": "datasets", "read_folder": "folder", "read_folder_root": "folder",
+    "ArrayDataset": "datasets", "TrainingImages": "datasets", "load_records": "datasets", "read_folder": "folder",
+    "read_folder_root": "folder",
     "read_image": "io", "read_mask": "io", "read_mvtec": "mvtec", "ClassRecords": "records",
     "DatasetError": "records", "ImageRecord": "records", "DATASET_KINDS": "splits", "Splits": "splits",
     "prepare_splits": "splits", "read_dataset": "splits", "build_validation_set": "validation",

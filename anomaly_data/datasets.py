@@ -68,6 +68,22 @@ class ArrayDataset(Dataset):
                             sum((p.skipped for p in parts), []))
 
 
+class TrainingImages(Dataset):
+    """What a training step reads from an ``ArrayDataset``: ``image`` uint8 ``[3, H, W]`` (a
+    quarter of float32's bytes to the device; the model's ``prepare`` converts it there) and
+    ``class_index``."""
+
+    def __init__(self, data: ArrayDataset):
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"image": torch.from_numpy(self.data.images[i]).permute(2, 0, 1),
+                "class_index": int(self.data.class_indices[i])}
+
+
 def _load_one(record: ImageRecord, size) -> tuple[np.ndarray, np.ndarray]:
     image = read_image(record.path)
     if record.mask_path is not None:

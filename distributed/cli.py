@@ -24,6 +24,7 @@ from anomaly_data.checks import check_dataset
 from anomaly_data.storage import (StorageError, check_reachable, is_file, is_uri, join, local_mirror, mirror_folder,
                                    parse_location, resolve_root)
 from anomaly_data.synthetic import ensure_dataset
+from distributed.studies import DEFAULT_CHECKPOINT_MINUTES
 from distributed.trial import trains_in_trial
 from ensembles.run_folder import CONFIG_FILE, TRAIN_DIR, TUNE_DIR
 from models.training import PRECISIONS
@@ -68,6 +69,13 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
                    help="the trained members' training forward and backward: auto (default) is bf16 autocast on "
                         "a GPU that has it, fp16 with a gradient scaler on one that has not, fp32 on CPUs; "
                         "distances, statistics and validation stay float32")
+    g.add_argument("--eval-every", type=int, default=0, metavar="N",
+                   help="also validate and checkpoint every N epochs (default 0: only where ASHA compares trials "
+                        "and at a trial's last epoch; 1 validates every epoch)")
+    g.add_argument("--checkpoint-minutes", type=float, default=DEFAULT_CHECKPOINT_MINUTES, metavar="M",
+                   help="between validations, a checkpoint to resume from at most every M minutes of training "
+                        f"(default {DEFAULT_CHECKPOINT_MINUTES:g}; 0: none, an interrupted trial restarts from its "
+                        "last validation)")
     g.add_argument("--address", default=None, help="an existing Ray cluster (e.g. auto or HOST:PORT); "
                                                    "default: start a local Ray instance")
     g.add_argument("--run-dir", default=None,
@@ -147,6 +155,8 @@ class RunContext:
     """What the cluster has (CPUs, GPUs, nodes), as ``fill_resources`` found it."""
     precision: str = "auto"
     """The trained members' training precision (``models.training.resolve_precision``)."""
+    eval_every: int = 0
+    checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES
 
     @property
     def location(self) -> str:
@@ -168,13 +178,17 @@ def prepare_run(args, models: list[str]) -> RunContext:
         raise CliError(f"--workers must be >= 1, got {args.workers} (1 trains inside the trial process)")
     if args.max_concurrent is not None and args.max_concurrent < 1:
         raise CliError(f"--max-concurrent must be >= 1, got {args.max_concurrent}")
+    if args.eval_every < 0 or not args.checkpoint_minutes >= 0:
+        raise CliError(f"--eval-every and --checkpoint-minutes must be >= 0, got {args.eval_every} and "
+                       f"{args.checkpoint_minutes}")
     check_address(args.address)
     kind, root, local, records = resolve_dataset(args)
     classes = list(records)
     run_dir, run_uri = resolve_run_dir(args.run_dir, resuming=getattr(args, "resume", None) is not None)
     return RunContext(kind, root, local, classes, models, run_dir, args.address, args.workers, args.cpus_per_worker,
                       args.gpus_per_worker, args.max_concurrent, args.seed, records, run_uri,
-                      precision=args.precision)
+                      precision=args.precision, eval_every=args.eval_every,
+                      checkpoint_minutes=args.checkpoint_minutes)
 
 
 def resolve_run_dir(given: str | None, resuming: bool) -> tuple[Path, str | None]:

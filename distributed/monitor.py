@@ -28,7 +28,7 @@ from ray.util.state import list_actors, list_placement_groups
 
 from anomaly_data.storage import StorageError, location_of
 from distributed.checkpoints import strip_trial
-from distributed.studies import STUDY_KEY
+from distributed.studies import EPOCH_ATTR, STUDY_KEY, is_validated
 from distributed.trial import METRIC, PLACEMENT_GROUP_KEY
 from ensembles.run_folder import PROGRESS_FILE, sync_run
 
@@ -87,7 +87,7 @@ class StudyProgress(Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info):
         value = result.get(METRIC)
         key = trial.config.get(STUDY_KEY)
-        if key is not None and value is not None and value == value:  # NaN: a diverged epoch
+        if key is not None and value is not None and value == value and is_validated(result):  # NaN: diverged
             self.best[key] = max(self.best.get(key, value), value)
 
     def on_step_end(self, iteration, trials, **info):
@@ -122,7 +122,7 @@ class StudyProgress(Callback):
                 row.running += 1
             else:
                 row.pending += 1
-            row.epochs += int((trial.last_result or {}).get("training_iteration", 0))
+            row.epochs += int((trial.last_result or {}).get(EPOCH_ATTR, 0))
         return list(rows.values())
 
     def show(self, trials, interactive: bool, final: bool = False) -> None:

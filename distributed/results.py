@@ -7,11 +7,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow.fs as pafs
 
 from anomaly_data.storage import is_file, join, location_of, read_bytes, write_bytes
 from distributed.checkpoints import CHECKPOINT_MODEL, drop_trial_checkpoints
+from distributed.studies import RESUME_ONLY, is_validated
 from distributed.trial import METRIC, PLACEMENT_GROUP_KEY
 from ensembles.run_folder import BEST_INFO_FILE, TRIALS_FILE, best_dir, group_key, update_best_index
 
@@ -28,7 +30,7 @@ def trial_rows(grid, model: str | None = None) -> list[dict]:
     rows = []
     for result in grid:
         cfg = result.config or {}
-        metrics = result.metrics or {}
+        metrics = last_validated_metrics(result)
         error = root_cause(result.error) if result.error else ""
         if not error and metrics.get("diverged"):  # stopped at its last report (ASHA's max_t) before it could raise
             error = f"TrialDiverged: the training loss became NaN/inf at epoch {metrics.get('epoch')}"
@@ -38,7 +40,8 @@ def trial_rows(grid, model: str | None = None) -> list[dict]:
         found = best_reported(result)
         row["best_val_score"] = found[0] if found else float("nan")  # the other val_* are the last epoch's
         for k, v in metrics.items():
-            if k.startswith("val_") or k in ("epoch", "train_loss", "epoch_seconds", "diverged", "node", "precision",
+            if k.startswith("val_") or k in ("epoch", "train_loss", "epoch_seconds", "train_seconds", "validate_seconds", "diverged",
+                                             "node", "precision",
                                              METRIC, PLACEMENT_GROUP_KEY):
                 row[k] = v
         for k, v in pd.json_normalize(cfg, sep="/").iloc[0].items():
@@ -60,6 +63,25 @@ def write_trials(rows: list[dict], path: Path) -> pd.DataFrame:
     return frame
 
 
+def validated_score(metrics: dict) -> bool:
+    """A report with a finite validation score (not a diverged epoch, not a resume-only checkpoint)."""
+    value = metrics.get(METRIC)
+    return value is not None and bool(np.isfinite(value)) and is_validated(metrics)
+
+
+def last_validated_metrics(result) -> dict:
+    """The metrics of a trial's last validated report (a trial stopped between validations last
+    reported a checkpoint to resume from, ``RESUME_ONLY``)."""
+    metrics = result.metrics or {}
+    if is_validated(metrics):
+        return metrics
+    df = result.metrics_dataframe
+    rows = [] if df is None else [row for row in df.to_dict("records") if is_validated(row)]
+    if rows:
+        return {**metrics, **{k: v for k, v in rows[-1].items() if pd.notna(v)}, RESUME_ONLY: 0}
+    return metrics
+
+
 def best_reported(result) -> tuple[float, Path, dict] | None:
     """``(score, checkpoint dir, that epoch's metrics)`` of the best epoch a Tune trial reported, or None.
 
@@ -75,10 +97,10 @@ def best_reported(result) -> tuple[float, Path, dict] | None:
         # Train's paths are in the run's storage, as Tune's are: the same file system
         fs = getattr(result, "filesystem", None) or pafs.LocalFileSystem()
         found += [(float(row[METRIC]), location_of(fs, row["checkpoint_path"]), row)
-                  for row in df.to_dict("records") if pd.notna(row[METRIC]) and isinstance(row["checkpoint_path"], str)]
+                  for row in df.to_dict("records") if validated_score(row) and isinstance(row["checkpoint_path"], str)]
     for checkpoint, metrics in result.best_checkpoints or []:
-        value = metrics.get(METRIC)
-        if value is not None and pd.notna(value):
+        if validated_score(metrics):
+            value = metrics[METRIC]
             found.append((float(value), location_of(checkpoint.filesystem, checkpoint.path), metrics))
     found = [f for f in found if is_file(join(f[1], CHECKPOINT_MODEL))]
     return max(found, key=lambda f: f[0]) if found else None

@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 
 from anomaly_data import DatasetError, split_train_validation
+from distributed.studies import ReportPlan
 from distributed.trial import TrainJob
 from models import ConfigError, ModelConfig, model_class
 from models.config import Recipe, check_value, value_of
@@ -146,10 +147,10 @@ def check_first_point(spec: StudySpec) -> None:
 
 
 def spec_job(spec: StudySpec, dataset: str, root: str, seed: int = 0, skip_bad_images: bool = False,
-             precision: str = "auto") -> TrainJob:
+             precision: str = "auto", plan: ReportPlan = ReportPlan()) -> TrainJob:
     """The ``TrainJob`` that trains ``spec`` before the search changes anything."""
     return TrainJob(model=spec.model, dataset=dataset, root=root, classes=tuple(spec.classes), config=spec.config,
-                    recipe=spec.recipe, seed=seed, skip_bad_images=skip_bad_images, precision=precision)
+                    recipe=spec.recipe, seed=seed, skip_bad_images=skip_bad_images, precision=precision, plan=plan)
 
 
 def training_images(records: dict, classes, val_fraction: float, seed: int) -> int:

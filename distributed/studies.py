@@ -31,6 +31,8 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from ensembles.run_folder import RESUME_ONLY
+
 logger = logging.getLogger(__name__)
 STUDY_KEY = "study"
 # Trials of one worker reuse their Tune actor (a new Ray worker process per trial cost half
@@ -38,6 +40,54 @@ STUDY_KEY = "study"
 # which a stopped trial ends only at its next report, i.e. after its current epoch; Tune's 2 s
 # default would fail the next trial. Read by Tune inside this actor.
 REUSE_WAIT_ENV, REUSE_WAIT_S = "TUNE_FUNCTION_THREAD_TIMEOUT_S", 24 * 3600
+REDUCTION_FACTOR = 2  # ASHA keeps the best half of a rung
+EPOCH_ATTR = "epoch"  # ASHA's clock: a trial's completed passes, which it reports only at validations
+DEFAULT_CHECKPOINT_MINUTES = 10.0
+
+
+def is_validated(result: dict) -> bool:
+    """False for a resume-only report (``RESUME_ONLY``; NaN where a table row lacks it)."""
+    return result.get(RESUME_ONLY) != 1
+
+
+def rung_epochs(max_epochs: int, grace: int, reduction_factor: int = REDUCTION_FACTOR) -> tuple[int, ...]:
+    """The epochs at which ASHA compares a study's trials: ``grace * reduction_factor**k`` below
+    ``max_epochs`` (the rungs of ``ASHAScheduler``'s one bracket, same arithmetic)."""
+    grace = max(1, min(grace, max_epochs))
+    count = int(math.log(max_epochs / grace) / math.log(reduction_factor) + 1)
+    return tuple(e for e in (grace * reduction_factor ** k for k in range(count)) if e < max_epochs)
+
+
+@dataclass(frozen=True)
+class ReportPlan:
+    """When a trial validates (refitting what validation needs) and checkpoints: at ``rungs``
+    (where the scheduler compares trials), at every multiple of ``every`` (``--eval-every``; 0:
+    none) and at its last epoch. Between them, a checkpoint to resume from at most every
+    ``checkpoint_minutes`` (0: never). The default validates every epoch."""
+
+    rungs: tuple[int, ...] = ()
+    every: int = 1
+    checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES
+
+    def validates(self, epoch: int, last_epoch: int) -> bool:
+        """Whether the trial validates after ``epoch`` (counted from 1) of ``last_epoch``."""
+        return epoch >= last_epoch or epoch in self.rungs or (self.every > 0 and epoch % self.every == 0)
+
+    def validations(self, last_epoch: int) -> int:
+        return sum(self.validates(e, last_epoch) for e in range(1, last_epoch + 1))
+
+    def describe(self, last_epoch: int) -> str:
+        """For the log: where a trial of ``last_epoch`` epochs validates and checkpoints."""
+        epochs = [e for e in range(1, last_epoch + 1) if self.validates(e, last_epoch)]
+        shown = ", ".join(map(str, epochs if len(epochs) <= 12 else epochs[:10] + ["...", epochs[-1]]))
+        why = " and ".join(filter(None, ["ASHA's rungs" if self.rungs else "",
+                                         f"every {self.every}" if self.every > 0 else "", "the last"]))
+        resume = (f"; a checkpoint to resume from at most every {self.checkpoint_minutes:g} min between them"
+                  if self.checkpoint_minutes > 0 else "")
+        return f"validates and checkpoints {len(epochs)} time(s), after epoch {shown} ({why}){resume}"
+
+    def resume_due(self, seconds_since_checkpoint: float) -> bool:
+        return self.checkpoint_minutes > 0 and seconds_since_checkpoint >= 60.0 * self.checkpoint_minutes
 
 
 @dataclass(frozen=True)
@@ -76,6 +126,7 @@ class StudySearcher(Searcher):
         self.max_concurrent_per_study = max(1, max_concurrent_per_study)
         self.counts = {s.key: StudyCounts() for s in studies}
         self.trial_study: dict[str, str] = {}
+        self.last_validated: dict[str, dict] = {}
 
     @property
     def total_trials(self) -> int:
@@ -111,7 +162,8 @@ class StudySearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         key = self.trial_study.get(trial_id)
-        if key is not None:
+        if key is not None and is_validated(result):
+            self.last_validated[trial_id] = result
             self.searchers[key].on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -119,6 +171,9 @@ class StudySearcher(Searcher):
         if key is None:
             return
         self.counts[key].live.discard(trial_id)
+        if result is not None and not is_validated(result):  # stopped between validations: its last score counts
+            result = self.last_validated.get(trial_id)
+        self.last_validated.pop(trial_id, None)
         self.searchers[key].on_trial_complete(trial_id, result=result, error=error)
 
     def save(self, checkpoint_path: str) -> None:
@@ -156,16 +211,18 @@ class StudyScheduler(FIFOScheduler):
         scheduler = self.scheduler_of(trial)
         scheduler.on_trial_add(tune_controller, trial)
         if trial.status == Trial.TERMINATED:  # restored from an interrupted run
-            history = recorded_results(trial)
+            history = [r for r in recorded_results(trial) if is_validated(r)]
             for result in history:
                 scheduler.on_trial_result(tune_controller, trial, result)
             scheduler.on_trial_complete(tune_controller, trial, history[-1] if history else {})
 
     def on_trial_result(self, tune_controller, trial, result) -> str:
+        if not is_validated(result):
+            return TrialScheduler.CONTINUE
         return self.scheduler_of(trial).on_trial_result(tune_controller, trial, result)
 
     def on_trial_complete(self, tune_controller, trial, result) -> None:
-        self.scheduler_of(trial).on_trial_complete(tune_controller, trial, result)
+        self.scheduler_of(trial).on_trial_complete(tune_controller, trial, result if is_validated(result or {}) else {})
 
     def on_trial_error(self, tune_controller, trial) -> None:
         self.scheduler_of(trial).on_trial_error(tune_controller, trial)
@@ -198,6 +255,18 @@ class SearchOptions:
     seed: int = 0
     max_concurrent_per_study: int | None = None
     optuna_storage: str | None = None  # a journal file: each study's Optuna history
+    eval_every: int = 0
+    """Validate at every multiple of this too (``--eval-every``); 0: at the rungs and the last epoch only."""
+    checkpoint_minutes: float = DEFAULT_CHECKPOINT_MINUTES
+
+    def grace_of(self, key: str) -> int:
+        return max(1, min(self.grace_epochs, self.epochs_of(key)))
+
+    def report_plan(self, key: str) -> ReportPlan:
+        """Where study ``key``'s trials validate: ASHA's rungs (none for a random search, which
+        stops no trial early), ``eval_every``, and the last epoch."""
+        rungs = () if self.search == "random" else rung_epochs(self.epochs_of(key), self.grace_of(key))
+        return ReportPlan(rungs, self.eval_every, self.checkpoint_minutes)
 
     def startup_trials(self) -> int:
         # TPE's default 10 random start-up trials would be most of a small budget
@@ -243,8 +312,9 @@ def make_search(studies: list[Study], spaces: dict[str, tuple[Callable, list[dic
         return searcher, FIFOScheduler()
 
     def asha(key: str) -> TrialScheduler:
-        epochs = options.epochs_of(key)
-        return ASHAScheduler(metric=metric, mode=mode, time_attr="training_iteration", max_t=epochs,
-                             reduction_factor=2, grace_period=max(1, min(options.grace_epochs, epochs)))
+        # the trials report only where they validate (``SearchOptions.report_plan``): ASHA's clock
+        # is their epoch, not the count of reports
+        return ASHAScheduler(metric=metric, mode=mode, time_attr=EPOCH_ATTR, max_t=options.epochs_of(key),
+                             reduction_factor=REDUCTION_FACTOR, grace_period=options.grace_of(key))
 
     return searcher, StudyScheduler(asha)

@@ -28,14 +28,18 @@ from distributed.cli import (CliError, RunContext, add_cluster_args, add_data_ar
                              start_ray, trial_placement, write_json)
 from distributed.results import collect_best, format_table
 from distributed.spec import SpecError, build_specs, spec_job
-from distributed.studies import Study
+from distributed.studies import ReportPlan, Study
 from distributed.trial import METRIC, MODE, TrainJob, tune_trial
 from ensembles.run_folder import CONFIG_FILE, TRAIN_DIR, TUNE_DIR, group_key, sync_run
 
 
-def spec_jobs(ctx: RunContext, specs: dict, skip_bad_images: bool) -> dict[str, TrainJob]:
-    """Per study key, the training job of its spec (``distributed.spec``) on this run's data."""
-    return {key: spec_job(spec, ctx.dataset, str(ctx.root), ctx.seed, skip_bad_images, ctx.precision)
+def spec_jobs(ctx: RunContext, specs: dict, skip_bad_images: bool,
+              plans: dict[str, ReportPlan] | None = None) -> dict[str, TrainJob]:
+    """Per study key, the training job of its spec (``distributed.spec``) on this run's data, with
+    its ``ReportPlan`` (default: validate every ``--eval-every`` epochs and at the last)."""
+    default = ReportPlan((), ctx.eval_every, ctx.checkpoint_minutes)
+    return {key: spec_job(spec, ctx.dataset, str(ctx.root), ctx.seed, skip_bad_images, ctx.precision,
+                          (plans or {}).get(key, default))
             for key, spec in specs.items()}
 
 

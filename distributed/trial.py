@@ -1,12 +1,14 @@
 """What runs in a trial: one (model, classes) training run, in the Tune trial's own process or
-with Ray Train DDP workers, validated every epoch (``distributed.train`` and ``distributed.tune``
-start these trials; this module imports neither).
+with Ray Train DDP workers (``distributed.train`` and ``distributed.tune`` start these trials;
+this module imports neither).
 
-Each epoch the workers train on their shard of the training normals, then rank 0 fits the
+Each epoch the workers train on their shard of the training normals. At the epochs the job's
+``ReportPlan`` names (the scheduler's rungs, ``--eval-every``, the last epoch) rank 0 fits the
 model's statistics, scores the validation set (held-out normals + synthetic defects, never the
 test split) and reports ``val_image_auroc``, ``val_pixel_auroc``, ``val_score``
 (``ensembles.metrics.validation_score``: their mean) and the training loss together with a
-checkpoint.
+checkpoint. In between, a checkpoint to resume from is reported at most every
+``checkpoint_minutes`` (``RESUME_ONLY``, score -inf); nothing else is written.
 """
 
 from __future__ import annotations
@@ -28,13 +30,13 @@ import torch
 from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
-from anomaly_data import prepare_splits
+from anomaly_data import TrainingImages, prepare_splits
 from anomaly_data.cache import DEFAULT_CACHE_ROOT
 from anomaly_data.storage import local_root, write_bytes
 from distributed.checkpoints import CHECKPOINT_MODEL, CHECKPOINT_STATE, read_trial_state, strip_all_but_latest
-from distributed.studies import REUSE_WAIT_ENV, REUSE_WAIT_S
+from distributed.studies import RESUME_ONLY, REUSE_WAIT_ENV, REUSE_WAIT_S, ReportPlan
 from ensembles.metrics import image_auroc, pixel_auroc, validation_score
 from ensembles.run_folder import TRAIN_RUN_PREFIX
 from models import ModelConfig, load_model, model_class
@@ -69,6 +71,8 @@ class TrainJob:
     skip_bad_images: bool = False
     precision: str = "auto"
     """The training forward's precision (``models.training.resolve_precision``); validation is float32."""
+    plan: ReportPlan = ReportPlan()
+    """Where the run validates and checkpoints (default: every epoch)."""
 
     @classmethod
     def of(cls, model: str, dataset: str, root: str, classes, preset: str = "fast", recipe: dict | None = None,
@@ -150,6 +154,17 @@ def restore_checkpoint(checkpoint, model, optimizer) -> int:
     return int(state["epoch"]) + 1
 
 
+MAX_LOADER_WORKERS = 8
+
+
+def loader_workers(cpus: float | None = None) -> int:
+    """DataLoader worker processes for a training run on ``cpus`` CPUs (default: those Ray gave
+    this process): all but the one the training loop runs on, none below two CPUs."""
+    if cpus is None:
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0) if ray.is_initialized() else 1.0
+    return max(0, min(MAX_LOADER_WORKERS, int(cpus) - 1, (os.cpu_count() or 1) - 1))
+
+
 class TrainSession:
     """Where the loop runs: a Ray Train worker (DDP when several), or the Tune trial itself."""
 
@@ -174,14 +189,31 @@ class TrainSession:
     def checkpoint(self):
         return self._get_checkpoint()
 
+    def rank0_decides(self, flag: bool) -> bool:
+        """Rank 0's ``flag`` on every rank (its clock decides when to checkpoint): every rank
+        must report the same epochs, or Train's report barrier would wait forever."""
+        if self.world == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.device)
+        torch.distributed.broadcast(value, src=0)
+        return bool(value.item())
+
     def prepare(self, model, dataset, batch_size: int, drop_last: bool):
-        loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=drop_last)
+        """The model on this worker's device (DDP-wrapped when several) and its training loader:
+        uint8 images (``TrainingImages``), in pinned memory for a GPU, read by worker processes
+        from this worker's CPUs that live across epochs; under DDP each rank reads its shard."""
+        # the sampler pads the shards to one length, so every rank steps equally often
+        sampler = None if self.world == 1 else DistributedSampler(dataset, self.world, self.rank, shuffle=True)
+        workers = loader_workers()
+        loader = DataLoader(TrainingImages(dataset), batch_size=batch_size, shuffle=sampler is None, sampler=sampler,
+                            drop_last=drop_last, num_workers=workers, persistent_workers=workers > 0,
+                            pin_memory=self.device.type == "cuda")
         if self.in_tune_trial:
             return model.to(self.device), loader
         # buffers are not broadcast: EMA codebooks are all-reduced by the model itself, and
         # fitted statistics live on rank 0, which alone validates and checkpoints
         model = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"broadcast_buffers": False})
-        return model, ray.train.torch.prepare_data_loader(loader)
+        return model, loader
 
     def report(self, metrics: dict[str, Any], write_checkpoint) -> None:
         """Every rank reports; rank 0 attaches the checkpoint that ``write_checkpoint(dir)`` fills."""
@@ -205,13 +237,17 @@ def fit_loop(model, job: TrainJob, session: TrainSession, splits) -> bool:
     model.fit_statistics(DataLoader(splits.train, batch_size=job.recipe.batch_size))
     metrics = {"epoch": 1, "train_loss": 0.0, "epoch_seconds": time.perf_counter() - started,
                "node": session.node, "diverged": 0}
+    started = time.perf_counter()
     metrics.update(validation_metrics(model, splits.validation, session.device, job.recipe.batch_size))
+    metrics["validate_seconds"] = time.perf_counter() - started
     session.report(metrics, lambda d, m=dict(metrics): save_checkpoint(d, model, None, 0, m, job))
     return True
 
 
 def train_loop(job: TrainJob, session: TrainSession) -> bool:
-    """Train ``job``; every epoch rank 0 validates and checkpoints. Resumes from a checkpoint.
+    """Train ``job``; rank 0 validates and checkpoints where ``job.plan`` says (the scheduler's
+    rungs, ``--eval-every``, the last epoch), and checkpoints to resume from in between at most
+    every ``checkpoint_minutes``. Resumes from a checkpoint.
 
     Returns False when the loss diverged (NaN/inf), True otherwise."""
     torch.manual_seed(job.seed)
@@ -220,7 +256,7 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
     model.to(session.device)
     if not model.trains:
         return fit_loop(model, job, session, splits)
-    recipe = job.recipe
+    recipe, plan = job.recipe, job.plan
     optimizer = make_optimizer(model, recipe.lr, recipe)
     schedule = make_lr_schedule(optimizer, recipe)
     precision = resolve_precision(job.precision, session.device)
@@ -235,7 +271,8 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
     torch.manual_seed(job.seed + 1000 * session.rank + start)
     drop_last = len(splits.train) >= 2 * job.recipe.batch_size * session.world
     model, loader = session.prepare(model, splits.train, job.recipe.batch_size, drop_last)
-    for epoch in range(start, job.recipe.epochs):
+    last_report, train_seconds = time.perf_counter(), 0.0
+    for epoch in range(start, recipe.epochs):
         if session.world > 1:
             loader.sampler.set_epoch(epoch)
         started = time.perf_counter()
@@ -249,15 +286,24 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
             return False
         if schedule is not None:
             schedule.step()
-        metrics = {"epoch": epoch + 1, "train_loss": parts["loss"], "epoch_seconds": time.perf_counter() - started,
-                   "node": session.node, "precision": precision}
-        if session.rank == 0:
+        train_seconds += time.perf_counter() - started
+        done = epoch + 1
+        validate = plan.validates(done, recipe.epochs)
+        if not validate and not session.rank0_decides(plan.resume_due(time.perf_counter() - last_report)):
+            continue
+        metrics = {"epoch": done, "train_loss": parts["loss"], "epoch_seconds": time.perf_counter() - started,
+                   "train_seconds": train_seconds, "node": session.node, "precision": precision}
+        if not validate:
+            metrics.update({METRIC: float("-inf"), RESUME_ONLY: 1, "diverged": 0})
+        elif session.rank == 0:
+            started = time.perf_counter()
             net = unwrap(model)
             net.eval()
             net.fit_statistics(DataLoader(splits.train, batch_size=job.recipe.batch_size))
             metrics.update(validation_metrics(net, splits.validation, session.device, job.recipe.batch_size))
-            metrics["diverged"] = 0
+            metrics.update({"diverged": 0, "validate_seconds": time.perf_counter() - started})
         session.report(metrics, lambda d, e=epoch, m=dict(metrics): save_checkpoint(d, model, optimizer, e, m, job))
+        last_report, train_seconds = time.perf_counter(), 0.0
     return True
 
 

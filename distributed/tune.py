@@ -155,7 +155,16 @@ def search_studies(ctx: RunContext, scope: str) -> list[Study]:
 
 def run_search(ctx: RunContext, args, todo: list, specs: dict, tracking: Tracking | None):
     """Every study as trials of one Tune run (restored when an interrupted one is found)."""
-    bases = spec_jobs(ctx, {s.key: specs[s.key] for s in todo}, args.skip_bad_images)
+    options = SearchOptions(trials=args.trials, epochs={s.key: specs[s.key].recipe.epochs for s in todo},
+                            grace_epochs=args.grace_epochs, search=args.search, seed=args.seed,
+                            max_concurrent_per_study=args.max_concurrent_per_study,
+                            optuna_storage=str(ctx.run_dir / OPTUNA_FILE), eval_every=ctx.eval_every,
+                            checkpoint_minutes=ctx.checkpoint_minutes)
+    bases = spec_jobs(ctx, {s.key: specs[s.key] for s in todo}, args.skip_bad_images,
+                      {s.key: options.report_plan(s.key) for s in todo})
+    for model in dict.fromkeys(s.model for s in todo):
+        job = next(bases[s.key] for s in todo if s.model == model)
+        print(f"[tune] {model}: {job.plan.describe(job.recipe.epochs)}", flush=True)
     trainable = tune.with_resources(
         tune.with_parameters(tune_trial, bases=bases, storage=join(ctx.location, TRAIN_DIR), resources=ctx.resources()),
         functools.partial(trial_placement, ctx))
@@ -172,10 +181,6 @@ def run_search(ctx: RunContext, args, todo: list, specs: dict, tracking: Trackin
         run_config = tuner._local_tuner.get_run_config()  # noqa: SLF001 -- restore would keep the pickled ones
         run_config.callbacks, run_config.stop = callbacks, stopper
     else:
-        options = SearchOptions(trials=args.trials, epochs={s.key: specs[s.key].recipe.epochs for s in todo},
-                                grace_epochs=args.grace_epochs, search=args.search, seed=args.seed,
-                                max_concurrent_per_study=args.max_concurrent_per_study,
-                                optuna_storage=str(ctx.run_dir / OPTUNA_FILE))
         spaces = {s.key: specs[s.key].space() for s in todo}
         searcher, scheduler = make_search(todo, spaces, options, METRIC, MODE)
         tuner = tune.Tuner(

@@ -44,7 +44,7 @@ from ensembles.ensemble import CONFIG_FILE as ENSEMBLE_FILE  # noqa: E402
 from ensembles.ensemble import FusionChoice  # noqa: E402
 from ensembles.evaluate import ENSEMBLE, GALLERY_FILE, METRICS, OVERLAY_DIR, RESULTS_FILE  # noqa: E402
 from ensembles.fit import ABLATION_PREFIX  # noqa: E402
-from ensembles.run_folder import (CONFIG_FILE, ENSEMBLE_DIR, OPTUNA_FILE, PROGRESS_FILE, TIMES_FILE,  # noqa: E402
+from ensembles.run_folder import (CONFIG_FILE, ENSEMBLE_DIR, OPTUNA_FILE, PROGRESS_FILE, RESUME_ONLY, TIMES_FILE,  # noqa: E402
                                   TRIALS_FILE, TUNE_DIR)
 
 REPORT_FILE = "report.html"
@@ -97,9 +97,9 @@ def trial_histories(tune_dir: str | Path) -> pd.DataFrame:
                     r = json.loads(line)
                 except json.JSONDecodeError:  # a line cut short by an interruption
                     continue
-                if METRIC in r:
+                if METRIC in r and r.get(RESUME_ONLY) != 1:  # not a checkpoint to resume from
                     rows.append({"study": r.get("config", {}).get("study"), "trial_id": r.get("trial_id"),
-                                 "epoch": r.get("training_iteration"), METRIC: r[METRIC],
+                                 "epoch": r.get("epoch", r.get("training_iteration")), METRIC: r[METRIC],
                                  "timestamp": r.get("timestamp")})
     return pd.DataFrame(rows, columns=["study", "trial_id", "epoch", METRIC, "timestamp"])
 

@@ -10,7 +10,7 @@ of a class group, and the index of the best checkpoints.
     RUN/optuna.journal                     each study's Optuna history
     RUN/times.json                         seconds spent: search, ensemble and test, whole run
     RUN/report.html                        the report of the run (ensembles.report)
-    RUN/best/<model>/<classes>/model.pt    best validation checkpoint (loads with models.load_model)
+    RUN/best/<model>/<classes>/model.safetensors  best validation checkpoint (loads with models.load_model)
     RUN/best/<model>/<classes>/best.json   its config, validation metrics, trial id and source path
     RUN/best.json                          index of the above
     RUN/ensemble/                          the fitted ensemble (ensembles.build)
@@ -43,6 +43,10 @@ ENSEMBLE_DIR = "ensemble"
 TUNE_DIR = "tune"
 TRAIN_DIR = "train"
 TRAIN_RUN_PREFIX = "train-"  # RUN/train/train-<trial id>: a DDP trial's Ray Train run
+RESUME_ONLY = "resume_only"
+"""Set (1) in a trial's report that carries only a checkpoint to resume from, no validation: its
+score is -inf so that Tune's checkpoint ranking never prefers it, and searchers, schedulers,
+the trial table and the report skip it."""
 
 
 def group_key(classes) -> str:

@@ -64,6 +64,9 @@ class AnomalyModel(nn.Module):
         self.weights_used = "random"  # set by subclasses: imagenet / packaged / file / random
         self.mean, self.std = ((0.0,) * 3, (1.0,) * 3) if self.backbone_field is None else \
             backbones.input_normalization(getattr(config, self.backbone_field), config.weights)
+        # on the model's device with it: no host-to-device copy in every ``prepare`` (not in checkpoints)
+        self.register_buffer("input_mean", torch.tensor(self.mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("input_std", torch.tensor(self.std).view(1, -1, 1, 1), persistent=False)
         self._frozen_digest: str | None = None
 
     # ----- construction ----------------------------------------------------------------
@@ -87,12 +90,14 @@ class AnomalyModel(nn.Module):
         raise NotImplementedError
 
     def prepare(self, images: Tensor) -> Tensor:
-        """``[B, 3, H, W]`` in [0, 1], any size -> the model's input: ``image_size`` square,
-        normalised for the backbone."""
+        """``[B, 3, H, W]`` in [0, 1] (or uint8 in [0, 255], as training batches travel to the
+        device), any size -> the model's input: ``image_size`` square, normalised for the backbone."""
+        if images.dtype == torch.uint8:
+            images = images.float().div_(255.0)
         side = self.config.image_size
         if tuple(images.shape[-2:]) != (side, side):
             images = F.interpolate(images, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-        return backbones.normalize(images, self.mean, self.std)
+        return backbones.normalize(images, self.input_mean, self.input_std)
 
     def map_of(self, x: Tensor) -> Tensor:
         """``[B, 1, s, s]`` at the model's input size from a prepared batch, higher = more anomalous."""

@@ -86,6 +86,11 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, recipe: Recipe):
     return torch.optim.lr_scheduler.StepLR(optimizer, step_size=recipe.lr_step_epochs, gamma=recipe.lr_gamma)
 
 
+# Optimisation steps between two finiteness checks of the loss: each check waits for the GPU (and
+# is an all-reduce under DDP), so the steps in between queue up without waiting for each other.
+FINITE_CHECK_STEPS = 16
+
+
 def all_ranks_finite(value: torch.Tensor) -> bool:
     """True when ``value`` is finite on every process (one tiny all-reduce under DDP), so that
     all ranks stop together instead of one raising while the others wait in a collective."""
@@ -95,24 +100,28 @@ def all_ranks_finite(value: torch.Tensor) -> bool:
     return bool(flag.item() > 0)
 
 
-def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
-               grad_clip: float = 1.0, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None
-               ) -> dict[str, float]:
-    """One optimisation step on ``batch``; returns the loss parts as floats.
+def raise_if_diverged(model: nn.Module, loss_sum: torch.Tensor) -> None:
+    """``NonFiniteLossError`` on every rank when the summed loss is NaN/inf on any."""
+    if not all_ranks_finite(loss_sum):
+        raise NonFiniteLossError(f"{unwrap(model).name}: loss is {loss_sum.item()} (diverged); "
+                                 "lower the learning rate")
+
+
+def optimisation_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+                      grad_clip: float = 1.0, precision: str = "fp32",
+                      scaler: torch.amp.GradScaler | None = None) -> dict[str, torch.Tensor]:
+    """One optimisation step on ``batch``; returns the loss parts as detached tensors on the
+    device, without waiting for the device (the caller checks finiteness, ``raise_if_diverged``).
 
     ``model`` may be DDP-wrapped: the loss is computed through the wrapper's ``forward``
-    (which calls ``loss``) so that gradient all-reduce hooks fire. A non-finite loss on any
-    rank raises ``NonFiniteLossError`` on every rank. ``precision`` (``resolve_precision``)
-    runs the forward under autocast; fp16 needs ``scaler`` (``make_grad_scaler``).
+    (which calls ``loss``) so that gradient all-reduce hooks fire. ``precision``
+    (``resolve_precision``) runs the forward under autocast; fp16 needs ``scaler``
+    (``make_grad_scaler``), whose step reads its overflow flag (a wait fp16 cannot avoid).
     """
     model.train()
-    device = batch["image"].device
-    with autocast(precision, device):
+    with autocast(precision, batch["image"].device):
         losses = model(batch) if isinstance(model, nn.parallel.DistributedDataParallel) else model.loss(batch)
     total = losses["loss"].float()
-    if not all_ranks_finite(total):
-        raise NonFiniteLossError(f"{unwrap(model).name}: loss is {total.item()} (diverged); "
-                                 "lower the learning rate")
     optimizer.zero_grad(set_to_none=True)
     (scaler.scale(total) if scaler is not None else total).backward()
     if scaler is not None:
@@ -124,22 +133,43 @@ def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.O
         scaler.update()
     else:
         optimizer.step()
-    return {k: float(v.detach()) for k, v in losses.items()}
+    return {k: v.detach().float() for k, v in losses.items()}
+
+
+def train_step(model: nn.Module, batch: dict[str, Any], optimizer: torch.optim.Optimizer,
+               grad_clip: float = 1.0, precision: str = "fp32", scaler: torch.amp.GradScaler | None = None
+               ) -> dict[str, float]:
+    """``optimisation_step``, checked and read at once: the loss parts as floats; a non-finite
+    loss on any rank raises ``NonFiniteLossError`` on every rank."""
+    parts = optimisation_step(model, batch, optimizer, grad_clip, precision, scaler)
+    raise_if_diverged(model, parts["loss"])
+    return read_parts(parts, 1)
+
+
+def read_parts(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    """Mean loss parts over ``steps``, read from the device in one transfer."""
+    values = torch.stack([v.reshape(()) for v in sums.values()]).cpu().tolist()
+    return {k: v / steps for k, v in zip(sums, values)}
 
 
 def train_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimizer, device="cpu",
                 grad_clip: float = 1.0, precision: str = "fp32",
                 scaler: torch.amp.GradScaler | None = None) -> dict[str, float]:
-    sums: dict[str, float] = {}
+    """One pass over ``loader``; the mean loss parts. The loss parts are summed on the device and
+    read once; the loss is checked every ``FINITE_CHECK_STEPS`` steps and at the end (the same
+    steps on every rank: their loaders have equally many batches)."""
+    sums: dict[str, torch.Tensor] = {}
     n = 0
     for batch in loader:
-        parts = train_step(model, move_batch(batch, device), optimizer, grad_clip, precision, scaler)
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v
+        parts = optimisation_step(model, move_batch(batch, device), optimizer, grad_clip, precision, scaler)
+        sums = {k: sums[k] + v for k, v in parts.items()} if sums else parts
         n += 1
+        if n % FINITE_CHECK_STEPS == 0:
+            raise_if_diverged(model, sums["loss"])
     if n == 0:
         raise ValueError("the training loader is empty: no training image was found")
-    return {k: v / n for k, v in sums.items()}
+    raise_if_diverged(model, sums["loss"])
+    return read_parts(sums, n)
 
 
 Outputs = dict[str, tuple[torch.Tensor, torch.Tensor]]  # name -> (image scores [N], maps [N, 1, H, W])

@@ -137,10 +137,16 @@ def _kill_one_train_worker(storage: Path, killed: list, deadline: float):
 
 
 def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, synthetic_root, local_ray):
+    """Rank 0's clock decides the resume-only checkpoints of epochs 1 and 2 for both ranks; the
+    killed run resumes from one of them and validates once, at its last epoch."""
+    import dataclasses
+
+    from distributed.studies import ReportPlan
     from distributed.trial import Resources, TrainJob, run_training
 
     job = TrainJob.of("hvq_trans", "mvtec", synthetic_root, ["washer"], recipe={"epochs": 3, "batch_size": 4},
                       image_size=64, levels=2, codebook_size=16)
+    job = dataclasses.replace(job, plan=ReportPlan(rungs=(), every=0, checkpoint_minutes=1e-9))
     storage = tmp_path / "train"
     killed: list = []
     killer = threading.Thread(target=_kill_one_train_worker, args=(storage, killed, time.time() + 300), daemon=True)
@@ -149,9 +155,9 @@ def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, syntheti
     killer.join(timeout=1)
     assert killed, "no worker was killed: the test did not exercise a failure"
     assert result.error is None
-    assert result.metrics["epoch"] == 3
-    # Train keeps the two best checkpoints (metrics_dataframe lists them in score order): a run
-    # restarted from scratch instead of its checkpoint would report an epoch twice
+    assert result.metrics["epoch"] == 3 and np.isfinite(result.metrics["val_score"])
+    # Train keeps the two best checkpoints and the latest (metrics_dataframe lists them in score
+    # order): a run restarted from scratch instead of its checkpoint would report an epoch twice
     epochs = list(result.metrics_dataframe["epoch"])
     assert len(epochs) == len(set(epochs)) and set(epochs) <= {1, 2, 3}
 
@@ -327,6 +333,9 @@ class RecordingSession:
     def checkpoint(self):
         return None
 
+    def rank0_decides(self, flag):
+        return flag
+
     def prepare(self, model, dataset, batch_size, drop_last):
         from torch.utils.data import DataLoader
 
@@ -356,6 +365,31 @@ def test_train_loop_stops_and_reports_a_diverged_run(synthetic_root):
     assert train_loop(diverging_job(synthetic_root, 1e-3), session) is True
     assert [m["epoch"] for m, _ in session.reports] == [1, 2]
     assert all(m["diverged"] == 0 and "model.safetensors" in f for m, f in session.reports)
+
+
+def test_train_loop_validates_where_its_plan_says_and_checkpoints_to_resume_in_between(synthetic_root):
+    import dataclasses
+
+    from distributed.studies import ReportPlan
+    from distributed.trial import train_loop
+    from ensembles.run_folder import RESUME_ONLY
+
+    job = dataclasses.replace(diverging_job(synthetic_root, 1e-3), plan=ReportPlan(rungs=(1,), every=0,
+                                                                                   checkpoint_minutes=0))
+    job = dataclasses.replace(job, recipe=job.recipe.replace(epochs=4))
+    session = RecordingSession()
+    assert train_loop(job, session)
+    assert [m["epoch"] for m, _ in session.reports] == [1, 4]            # the rung and the last epoch only
+    assert all(np.isfinite(m["val_score"]) and "validate_seconds" in m for m, _ in session.reports)
+    assert session.reports[1][0]["train_seconds"] > session.reports[0][0]["train_seconds"]  # 3 epochs vs 1
+
+    session = RecordingSession()
+    assert train_loop(dataclasses.replace(job, plan=ReportPlan(rungs=(1,), every=0, checkpoint_minutes=1e-9)),
+                      session)
+    assert [(m["epoch"], m.get(RESUME_ONLY, 0)) for m, _ in session.reports] == [(1, 0), (2, 1), (3, 1), (4, 0)]
+    resume = [m for m, _ in session.reports if m.get(RESUME_ONLY)]
+    assert all(m["val_score"] == float("-inf") and "val_image_auroc" not in m for m in resume)
+    assert all({"model.safetensors", "state.safetensors"} <= set(f) for _, f in session.reports)
 
 
 def test_a_unified_hvq_trans_reports_how_often_cheap_routing_agrees_with_the_full_rule(synthetic_root):

@@ -11,8 +11,8 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 
 from distributed import monitor
-from distributed.studies import SearchOptions, Study, StudyScheduler, make_search
-from ensembles.run_folder import PROGRESS_FILE
+from distributed.studies import ReportPlan, SearchOptions, Study, StudyScheduler, make_search, rung_epochs
+from ensembles.run_folder import PROGRESS_FILE, RESUME_ONLY
 
 
 def toy_space(trial, offset):
@@ -87,8 +87,12 @@ class FakeTrial:
         self.last_result = last_result or {}
 
 
-def result(epoch, score):
-    return {"training_iteration": epoch, "val_score": score}
+def result(epoch, score, report=None):
+    return {"epoch": epoch, "val_score": score, "training_iteration": report or epoch}
+
+
+def resume_only(epoch):
+    return {"epoch": epoch, "val_score": float("-inf"), RESUME_ONLY: 1, "training_iteration": epoch}
 
 
 def test_scheduler_stops_a_trial_only_against_its_own_study():
@@ -117,9 +121,48 @@ def test_scheduler_rebuilds_a_studys_rungs_from_finished_trials_on_restore(tmp_p
     assert scheduler.on_trial_result(None, other, result(1, 0.5)) == TrialScheduler.CONTINUE
 
 
+@pytest.mark.parametrize("epochs,grace", [(3922, 3), (3, 1), (8, 1), (50, 3), (27, 3), (1, 1), (9, 3), (1000, 7),
+                                          (5, 10)])
+def test_trials_validate_exactly_at_the_rungs_of_the_scheduler_the_search_builds(epochs, grace):
+    _, scheduler = make_search([Study("m-a", "m", ("a",))], {"m-a": (lambda t: None, [])},
+                               SearchOptions(trials=2, epochs=epochs, grace_epochs=grace), "val_score", "max")
+    asha = scheduler.scheduler_of(FakeTrial("t", "m-a"))
+    milestones = sorted(m for m, _ in asha._brackets[0]._rungs if m < epochs)  # noqa: SLF001 -- Ray's own rungs
+    assert list(rung_epochs(epochs, grace)) == milestones
+    plan = SearchOptions(trials=2, epochs=epochs, grace_epochs=grace).report_plan("m-a")
+    assert [e for e in range(1, epochs + 1) if plan.validates(e, epochs)] == milestones + [epochs]
+
+
+def test_a_report_plan_adds_eval_every_and_a_random_search_validates_at_the_end_only():
+    plan = SearchOptions(trials=2, epochs=20, grace_epochs=2, eval_every=5).report_plan("k")
+    assert [e for e in range(1, 21) if plan.validates(e, 20)] == [2, 4, 5, 8, 10, 15, 16, 20]
+    random = SearchOptions(trials=2, epochs=20, grace_epochs=2, search="random").report_plan("k")
+    assert random.validations(20) == 1 and ReportPlan().validations(20) == 20     # the default: every epoch
+    assert ReportPlan(checkpoint_minutes=1.0).resume_due(61.0) and not ReportPlan(checkpoint_minutes=1.0).resume_due(59.0)
+    assert not ReportPlan(checkpoint_minutes=0).resume_due(1e9)
+    assert "after epoch 2, 4, 5, 8, 10, 15, 16, 20 (ASHA's rungs and every 5 and the last)" in plan.describe(20)
+
+
+def test_resume_only_reports_neither_stop_a_trial_nor_reach_its_searcher():
+    searcher, scheduler = make(trials=4)
+    good, bad = FakeTrial("good", "m-a"), FakeTrial("bad", "m-a")
+    for trial in (good, bad):
+        scheduler.on_trial_add(None, trial)
+    assert searcher.suggest("good")["study"] == "m-a"
+    assert scheduler.on_trial_result(None, good, result(1, 0.9)) == TrialScheduler.CONTINUE
+    # -inf at a rung would stop the trial if ASHA saw it
+    assert scheduler.on_trial_result(None, bad, resume_only(1)) == TrialScheduler.CONTINUE
+    assert scheduler.on_trial_result(None, bad, result(1, 0.3)) == TrialScheduler.STOP
+    searcher.on_trial_result("good", result(1, 0.9))
+    searcher.on_trial_result("good", resume_only(2))
+    searcher.on_trial_complete("good", resume_only(3))           # stopped between validations
+    told = searcher.searchers["m-a"]._ot_study.trials[0]        # noqa: SLF001 -- what Optuna was told
+    assert told.value == 0.9 and told.intermediate_values == {1: 0.9}
+
+
 def progress_trial(trial_id, study, status, epochs=0):
     return SimpleNamespace(trial_id=trial_id, config={"study": study}, status=status,
-                           last_result={"training_iteration": epochs} if epochs else {})
+                           last_result={"epoch": epochs} if epochs else {})
 
 
 def test_progress_prints_one_line_per_study_and_only_changes_in_a_log(tmp_path):
@@ -129,7 +172,7 @@ def test_progress_prints_one_line_per_study_and_only_changes_in_a_log(tmp_path):
     progress.on_step_end(0, trials)
     progress.on_step_end(1, trials)                                   # nothing changed: no new block
     progress.on_trial_result(1, trials, trials[0], {"val_score": 0.8})
-    trials[0].status, trials[0].last_result = Trial.TERMINATED, {"training_iteration": 3}
+    trials[0].status, trials[0].last_result = Trial.TERMINATED, {"epoch": 3}
     progress.on_step_end(2, trials)
     progress.on_experiment_end(trials)
     blocks = out.getvalue().split("[tune] ")[1:]

@@ -136,11 +136,11 @@ class ClassCodebooks(nn.Module):
         candidates of all workers are gathered, and every worker assigns the i-th dead code of
         a class the i-th valid candidate (workers interleaved), so codebooks stay identical.
         """
-        C, D = self.num_classes, self.dim
+        C, K, D = self.num_classes, self.size, self.dim
         dead = (self.cluster_size < self.dead_code_threshold) & present[:, None]
-        if not bool(dead.any()):
-            return
-        wanted = int(dead.sum(dim=1).max())
+        # K candidates per class, whether or not any code is dead: sizes that depend on the data
+        # would make the host wait for the device at every level of every step
+        wanted = K
         is_class = token_class[None, :] == torch.arange(C, device=flat_z.device)[:, None]
         local_valid = is_class.any(dim=1)
         # classes this worker lacks draw dummies (marked invalid) so every worker sends one shape
