@@ -5,6 +5,7 @@ coreset included) on an MVTec-sized class.
 
     python -m bench.gpu [--out gpu.json]            # on a GPU: the figures the README quotes (~8 min)
     python -m bench.gpu --tiny --out /tmp/gpu.json  # CPU path, tiny settings (the test runs this)
+    python -m bench.gpu --steps 2 --batch 4 --no-overhead   # a CPU's paper-preset speeds, for estimates
 
 Training speed is of ``models.training.optimisation_step`` on one repeated uint8 batch already
 on the device (the data feed is not in it), weights none, after ``WARMUP_STEPS``; the timed
@@ -112,6 +113,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="gpu.json", help="where to write the figures (JSON)")
     p.add_argument("--preset", default="paper")
     p.add_argument("--steps", type=int, default=20, help="timed optimisation steps per model and precision")
+    p.add_argument("--batch", type=int, default=None, help="training batch (default: each recipe's)")
+    p.add_argument("--no-overhead", action="store_true", help="leave out the overhead shares (bench/overhead.py)")
     p.add_argument("--tiny", action="store_true",
                    help=f"CPU-sized settings ({TINY}): checks the script runs, its figures mean little")
     a = p.parse_args(argv)
@@ -119,12 +122,12 @@ def main(argv=None) -> dict:
     steps = tiny.get("steps", a.steps)
     dev = device()
     print(f"machine: {machine()}\n")
-    speed = [training_speed(m, a.preset, precision, steps, tiny.get("batch"), tiny.get("image_size"))
+    speed = [training_speed(m, a.preset, precision, steps, tiny.get("batch", a.batch), tiny.get("image_size"))
              for m in TRAINED for precision in ("fp32", mixed_precision(dev))]
     print(table(speed, floats="{:.3g}"))
     fit = patchcore_fit(a.preset, tiny.get("fit_images", CLASS_TRAIN_IMAGES), tiny.get("image_size"))
     print(f"\npatchcore fit: {fit['fit_s']:.1f} s for {fit['images']} images at {fit['image_px']} px")
-    overhead = [] if a.tiny else overhead_shares(a.preset, 2)
+    overhead = [] if a.tiny or a.no_overhead else overhead_shares(a.preset, 2)
     if overhead:
         print("\n" + table(overhead, floats="{:.2f}"))
     figures = {"device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "machine": machine(),

@@ -254,6 +254,17 @@ def cluster_capacity() -> tuple[float, float]:
     return max(cpus, min(most.get("CPU", 0), big)), max(gpus, min(most.get("GPU", 0), big))
 
 
+def default_cpus_per_worker(cpus: float, gpus_per_worker: float) -> float:
+    """A GPU worker gets its share of its node's CPUs (the smallest GPU node's that is up: the
+    training loader's worker processes use them), a CPU worker one CPU (0.9 on a machine with at
+    most two, so that Ray's own processes keep a share)."""
+    per_gpu = [math.floor(node["Resources"].get("CPU", 0) / node["Resources"]["GPU"])
+               for node in ray.nodes() if node["Alive"] and node["Resources"].get("GPU", 0) > 0]
+    if gpus_per_worker > 0 and per_gpu:
+        return max(1.0, math.floor(min(per_gpu) * gpus_per_worker))
+    return 1.0 if cpus > 2 else 0.9
+
+
 def fill_resources(ctx: RunContext) -> None:
     """Defaults that depend on the cluster: GPUs per worker, CPUs per worker, concurrency.
 
@@ -263,7 +274,7 @@ def fill_resources(ctx: RunContext) -> None:
     if ctx.gpus_per_worker is None:
         ctx.gpus_per_worker = 1.0 if gpus >= 1 else 0.0
     if ctx.cpus_per_worker is None:
-        ctx.cpus_per_worker = 1.0 if cpus > 2 else 0.9
+        ctx.cpus_per_worker = default_cpus_per_worker(cpus, ctx.gpus_per_worker)
     if ctx.precision == "fp16" and ctx.gpus_per_worker == 0:
         raise CliError("--precision fp16 trains on GPUs only (its gradient scaler is CUDA's), and this run's "
                        "workers have none: use bf16 or fp32, or give the workers GPUs (--gpus-per-worker)")

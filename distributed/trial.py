@@ -292,7 +292,8 @@ def train_loop(job: TrainJob, session: TrainSession) -> bool:
         if not validate and not session.rank0_decides(plan.resume_due(time.perf_counter() - last_report)):
             continue
         metrics = {"epoch": done, "train_loss": parts["loss"], "epoch_seconds": time.perf_counter() - started,
-                   "train_seconds": train_seconds, "node": session.node, "precision": precision}
+                   "train_seconds": train_seconds, "node": session.node, "precision": precision,
+                   "loader_workers": getattr(loader, "num_workers", 0)}
         if not validate:
             metrics.update({METRIC: float("-inf"), RESUME_ONLY: 1, "diverged": 0})
         elif session.rank == 0:

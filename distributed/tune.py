@@ -162,7 +162,7 @@ def run_search(ctx: RunContext, args, todo: list, specs: dict, tracking: Trackin
                             checkpoint_minutes=ctx.checkpoint_minutes)
     bases = spec_jobs(ctx, {s.key: specs[s.key] for s in todo}, args.skip_bad_images,
                       {s.key: options.report_plan(s.key) for s in todo})
-    for model in dict.fromkeys(s.model for s in todo):
+    for model in dict.fromkeys(s.model for s in todo if model_class(s.model).trains):
         job = next(bases[s.key] for s in todo if s.model == model)
         print(f"[tune] {model}: {job.plan.describe(job.recipe.epochs)}", flush=True)
     trainable = tune.with_resources(

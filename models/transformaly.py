@@ -43,6 +43,7 @@ from models import backbones, register_model
 from models.base import AnomalyModel
 from models.config import ConfigError, Fraction, ModelConfig, NonNegative, NonNegativeInt, PositiveInt, Range
 from models.layers.blur import gaussian_blur
+from models.layers.frozen_cache import FROZEN_OUTPUTS, caching_allowed, input_key
 from models.layers.gaussian import GaussianDensity, NotFittedError, PCAWhitening
 
 
@@ -219,8 +220,15 @@ class Transformaly(AnomalyModel):
         ``states[i+1]`` its output).
 
         Runs up to the deepest chosen layer, or through every block and the final norm when
-        ``with_cls`` (then also returns the pooled CLS feature).
+        ``with_cls`` (then also returns the pooled CLS feature). In eval mode a batch seen before
+        is not run again (``layers.frozen_cache``: validations refit and score the same images).
         """
+        if not caching_allowed(self):
+            return self._teacher_pass(x, with_cls)
+        key = input_key(f"{self.frozen_digest()}:{with_cls}:{self.layers[-1]}", x)
+        return FROZEN_OUTPUTS.get_or_compute(key, lambda: self._teacher_pass(x, with_cls))
+
+    def _teacher_pass(self, x: Tensor, with_cls: bool) -> tuple[list[Tensor], Tensor | None]:
         t = self.teacher
         last = len(t.blocks) if with_cls else self.layers[-1] + 1
         states: list[Tensor] = []

@@ -162,6 +162,55 @@ def test_train_with_two_gloo_workers_survives_a_killed_worker(tmp_path, syntheti
     assert len(epochs) == len(set(epochs)) and set(epochs) <= {1, 2, 3}
 
 
+def test_a_search_validates_at_the_rungs_and_checkpoints_to_resume_in_between(tmp_path, synthetic_root):
+    """Rungs after epochs 1 and 2 (grace 1, max 4), the last after 4; epoch 3 only checkpoints
+    (a tiny --checkpoint-minutes). Trials of 2 CPUs read their batches with a loader worker."""
+    from ensembles.run_folder import RESUME_ONLY
+
+    run = tmp_path / "run"
+    out = run_cli(["-m", "distributed.tune", "--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "pill",
+                   "--models", "hvq_trans", "--trials", "2", "--epochs", "4", "--grace-epochs", "1",
+                   "--checkpoint-minutes", "1e-6", "--cpus-per-worker", "2", "--no-ensemble", "--run-dir", str(run),
+                   *SMALL])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "hvq_trans: validates and checkpoints 3 time(s), after epoch 1, 2, 4 (ASHA's rungs and the last)" \
+        in out.stdout
+    reports = {}
+    for result_file in (run / "tune").rglob("result.json"):
+        lines = [json.loads(ln) for ln in result_file.read_text().splitlines() if ln.strip()]
+        reports[result_file.parent.name] = [(r["epoch"], r.get(RESUME_ONLY, 0)) for r in lines]
+        assert all(r["loader_workers"] == 1 for r in lines)
+        assert all(np.isfinite(r["val_score"]) == (not r.get(RESUME_ONLY)) for r in lines)
+    assert len(reports) == 2
+    # the first trial runs to the end; the second may stop at a rung where it is the worse
+    assert sorted(reports.values())[-1] == [(1, 0), (2, 0), (3, 1), (4, 0)]
+    assert all(r in ([(1, 0)], [(1, 0), (2, 0)], [(1, 0), (2, 0), (3, 1), (4, 0)]) for r in reports.values())
+    trials = pd.read_csv(run / "trials.csv")
+    assert (trials["status"] == "ok").all() and np.isfinite(trials["val_score"]).all()
+    best = json.loads((run / "best" / "hvq_trans" / "pill" / "best.json").read_text())
+    assert best["metrics"]["epoch"] in (1, 2, 4) and np.isfinite(best["metrics"]["val_score"])
+
+
+def test_a_gpu_worker_gets_its_nodes_cpus_per_gpu_and_its_loader_all_but_one():
+    from distributed.cli import default_cpus_per_worker
+    from distributed.trial import MAX_LOADER_WORKERS, loader_workers
+
+    ray.init(num_cpus=16, num_gpus=2, log_to_driver=False)  # a g5.12xlarge-like node, declared
+    try:
+        assert default_cpus_per_worker(16, 1.0) == 8 and default_cpus_per_worker(16, 0.5) == 4
+        assert default_cpus_per_worker(16, 0.0) == 1.0
+    finally:
+        ray.shutdown()
+    ray.init(num_cpus=2, log_to_driver=False)  # no GPU node
+    try:
+        assert default_cpus_per_worker(2, 1.0) == 0.9 and default_cpus_per_worker(4, 0.0) == 1.0
+    finally:
+        ray.shutdown()
+    cores = os.cpu_count()
+    assert loader_workers(8) == min(7, cores - 1) and loader_workers(0.9) == 0 and loader_workers(1) == 0
+    assert loader_workers(64) == min(MAX_LOADER_WORKERS, cores - 1)
+
+
 def test_tune_resume_keeps_finished_trials(tmp_path, synthetic_root):
     run = tmp_path / "run"
     args = ["-m", "distributed.tune", "--dataset", "mvtec", "--root", str(synthetic_root), "--classes", "pill",

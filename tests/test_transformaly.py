@@ -273,3 +273,36 @@ def test_learning_localises_synthetic_defects_with_a_random_teacher(synthetic_ro
     assert trained > untrained + 0.2, f"pixel AUROC {trained:.3f} barely above untrained {untrained:.3f}"
     result = score_loader(model, validation)
     assert np.isfinite(result["scores"]).all() and result["maps"].shape == (len(validation.dataset), 64, 64)
+
+
+def test_a_seen_batch_skips_the_teacher_in_eval_only_and_scores_the_same():
+    from models.layers.frozen_cache import FROZEN_OUTPUTS, FrozenOutputCache
+
+    FROZEN_OUTPUTS.clear()
+    model = tiny_model(layers="1-2")
+    batches = image_batches(2)
+    model.eval()
+    model.fit_statistics(batches)
+    first = model.predict(batches[0]["image"])
+    hits = FROZEN_OUTPUTS.hits
+    model.fit_statistics(batches)
+    again = model.predict(batches[0]["image"])
+    assert FROZEN_OUTPUTS.hits == hits + 3                     # two fit batches and the scored one
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    FROZEN_OUTPUTS.clear()                                    # the same scores computed afresh
+    assert all(torch.equal(a, b) for a, b in zip(first, model.predict(batches[0]["image"])))
+    model.train()                                             # a training forward never caches
+    before = FROZEN_OUTPUTS.misses
+    model.loss(batches[1])
+    assert FROZEN_OUTPUTS.misses == before and len(FROZEN_OUTPUTS.entries) == 1
+    other = tiny_model(layers="1-2", weights="none")          # same weights (seeded): same digest
+    torch.nn.init.zeros_(other.teacher.blocks[0].mlp.fc1.weight)  # another teacher: its own entries
+    other.eval()
+    assert not torch.equal(other.anomaly_map(batches[0]["image"]), model.anomaly_map(batches[0]["image"]))
+
+    small = FrozenOutputCache(budget_bytes=1000)
+    small.get_or_compute("a", lambda: torch.zeros(100))       # 400 bytes
+    small.get_or_compute("b", lambda: torch.zeros(100))
+    small.get_or_compute("c", lambda: torch.zeros(100))       # evicts the least recently used
+    small.get_or_compute("d", lambda: torch.zeros(1000))      # larger than the budget: not kept
+    assert list(small.entries) == ["b", "c"] and small.used_bytes == 800
