@@ -23,7 +23,7 @@ from typing import Any
 import pandas as pd
 
 from distributed.cli import CliError
-from distributed.studies import STUDY_KEY
+from distributed.studies import EPOCH_ATTR, STUDY_KEY, is_validated
 from ensembles.evaluate import RESULTS_FILE, RESULTS_MARKDOWN
 from ensembles.report import REPORT_FILE
 from ensembles.run_folder import BEST_INDEX_FILE, TRIALS_FILE
@@ -56,6 +56,13 @@ class Tracking:
             def log_trial_start(self, trial):
                 self.tags = {**base_tags, "study": str(trial.config.get(STUDY_KEY, ""))}
                 super().log_trial_start(trial)
+
+            def log_trial_result(self, iteration, trial, result):
+                # a trial reports where it validates: the epoch is the step; a checkpoint to
+                # resume from has no metrics to log
+                if is_validated(result):
+                    self.mlflow_util.log_metrics(run_id=self._trial_runs[trial], metrics_to_log=result,
+                                                 step=result.get(EPOCH_ATTR) or result.get("training_iteration"))
 
         base_tags = {PARENT_TAG: self.parent_run_id}
         return StudyTaggedLogger(tracking_uri=self.tracking_uri, experiment_name=self.experiment_name,

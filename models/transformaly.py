@@ -225,8 +225,10 @@ class Transformaly(AnomalyModel):
         """
         if not caching_allowed(self):
             return self._teacher_pass(x, with_cls)
-        key = input_key(f"{self.frozen_digest()}:{with_cls}:{self.layers[-1]}", x)
-        return FROZEN_OUTPUTS.get_or_compute(key, lambda: self._teacher_pass(x, with_cls))
+        # cached through every block, so that every choice of layers of the search shares the entry
+        states, cls = FROZEN_OUTPUTS.get_or_compute(input_key(self.frozen_digest(), x),
+                                                    lambda: self._teacher_pass(x, with_cls=True))
+        return (states, cls) if with_cls else (states[:self.layers[-1] + 2], None)
 
     def _teacher_pass(self, x: Tensor, with_cls: bool) -> tuple[list[Tensor], Tensor | None]:
         t = self.teacher

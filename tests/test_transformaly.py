@@ -295,6 +295,15 @@ def test_a_seen_batch_skips_the_teacher_in_eval_only_and_scores_the_same():
     before = FROZEN_OUTPUTS.misses
     model.loss(batches[1])
     assert FROZEN_OUTPUTS.misses == before and len(FROZEN_OUTPUTS.entries) == 1
+    model.eval()
+    model.anomaly_map(batches[1]["image"])                    # now seen in eval
+    shallow = tiny_model(layers="0-1")                        # other layers (the map needs no CLS): same entries
+    shallow.eval()
+    hits = FROZEN_OUTPUTS.hits
+    cached = shallow.anomaly_map(batches[1]["image"])
+    assert FROZEN_OUTPUTS.hits == hits + 1
+    FROZEN_OUTPUTS.clear()
+    assert torch.equal(cached, shallow.anomaly_map(batches[1]["image"]))
     other = tiny_model(layers="1-2", weights="none")          # same weights (seeded): same digest
     torch.nn.init.zeros_(other.teacher.blocks[0].mlp.fc1.weight)  # another teacher: its own entries
     other.eval()
