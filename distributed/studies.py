@@ -182,7 +182,11 @@ class StudySearcher(Searcher):
 
     def restore(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "rb") as f:
-            self.__dict__.update(pickle.load(f))
+            self.__setstate__(pickle.load(f))
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.__dict__.setdefault("last_validated", {})  # a searcher saved by an earlier version
 
 
 class StudyScheduler(FIFOScheduler):

@@ -2,6 +2,7 @@
 
 import io
 import json
+import pickle
 from types import SimpleNamespace
 
 import optuna
@@ -77,6 +78,10 @@ def test_searcher_state_survives_save_and_restore(tmp_path):
     again.restore(str(tmp_path / "s.pkl"))
     assert {k: c.started for k, c in again.counts.items()} == {"m-a": 2, "m-b": 1, "n-a": 1}
     assert again.counts["m-a"].live == {"t3"}
+    del searcher.last_validated                    # a searcher an earlier version pickled (Tune's tuner.pkl)
+    older = pickle.loads(pickle.dumps(searcher))
+    older.on_trial_result("t3", result(1, 0.5))
+    assert older.last_validated["t3"]["val_score"] == 0.5
     assert again.suggest("t4")["study"] == "m-b"
 
 
