@@ -101,10 +101,10 @@ def patchcore_fit(preset: str, images: int, image_size: int | None) -> dict:
 
 
 def overhead_shares(presets: str, epochs: int) -> list[dict]:
-    from bench.overhead import measure, whole_trial
+    from bench.overhead import GPU_TRIAL_MINUTES, measure, whole_trial
     from distributed.studies import DEFAULT_CHECKPOINT_MINUTES
 
-    return [whole_trial(m, preset, measure(m, preset, epochs), DEFAULT_CHECKPOINT_MINUTES, 30.0)
+    return [whole_trial(m, preset, measure(m, preset, epochs), DEFAULT_CHECKPOINT_MINUTES, GPU_TRIAL_MINUTES)
             for preset in presets.split(",") for m in TRAINED]
 
 

@@ -10,8 +10,9 @@ Per trained model and preset (weights none, a small synthetic class), a real tri
 (``distributed.trial.train_loop``) trains ``--epochs`` epochs, validating after each and
 writing each checkpoint to disk as Tune does. From its last epoch it takes the seconds of a
 training pass and of a validation (refit + scoring) per image (the first validation, which
-fills the frozen-output cache, and a later one), and the seconds and bytes of one checkpoint, and works out a whole trial on an MVTec-sized class (``CLASS_IMAGES`` normals: 80 %
-train, the rest and their synthetic defects validate) at the preset's recipe. Shares are of the
+fills the frozen-output cache, and a later one), and the seconds and bytes of one checkpoint,
+and works out a whole trial on an MVTec-sized class (``CLASS_IMAGES`` normals: 80 % train, the
+rest and their synthetic defects validate) at the preset's recipe. Shares are of the
 whole trial's wall time on this machine. A checkpoint to resume from is written per
 ``--checkpoint-minutes`` of training: for the bytes, the training time is that of one GPU,
 ``--gpu-trial-minutes`` (an assumption the output states; ``bench/gpu.py`` measures it).
@@ -45,7 +46,7 @@ from distributed.trial import TrainSession
 
 MODELS = ("haloae", "hvq_trans", "transformaly", "patchcore")
 CLASS_IMAGES = 240  # an MVTec-sized class: 80 % train (val_fraction 0.2)
-DEFAULT_GRACE = 3   # distributed.tune's default --grace-epochs
+GPU_TRIAL_MINUTES = 30.0  # assumed training minutes of a paper trial on one GPU (resume checkpoints' bytes)
 GB = 1e9
 
 
@@ -111,6 +112,7 @@ def whole_trial(model: str, preset: str, m: dict, checkpoint_minutes: float, gpu
     """The measured costs worked out for a trial on a ``CLASS_IMAGES`` class, before and after."""
     from distributed.spec import study_recipe
     from distributed.studies import ReportPlan, SearchOptions
+    from distributed.tune import SEARCH_DEFAULTS
 
     n_train = round(CLASS_IMAGES * 0.8)
     passes = study_recipe(model, preset, {}, n_train, None, None)[0].epochs
@@ -121,7 +123,7 @@ def whole_trial(model: str, preset: str, m: dict, checkpoint_minutes: float, gpu
            "first validate s": first_validate_s,
            "checkpoint s": m["checkpoint_s"], "checkpoint MB": m["checkpoint_bytes"] / 1e6}
     plans = {"every-epoch": ReportPlan(),
-             "default": dataclasses.replace(SearchOptions(trials=1, epochs=passes, grace_epochs=DEFAULT_GRACE)
+             "default": dataclasses.replace(SearchOptions(trials=1, epochs=passes, grace_epochs=SEARCH_DEFAULTS["grace_epochs"][0])
                                             .report_plan("bench"), checkpoint_minutes=checkpoint_minutes)}
     for name, plan in plans.items():
         validations = plan.validations(passes)
@@ -186,7 +188,7 @@ def main(argv=None) -> None:
     p.add_argument("--presets", default="fast,paper")
     p.add_argument("--epochs", type=int, default=2, help="epochs of each measured trial (the last one is used)")
     p.add_argument("--checkpoint-minutes", type=float, default=DEFAULT_CHECKPOINT_MINUTES)
-    p.add_argument("--gpu-trial-minutes", type=float, default=30.0,
+    p.add_argument("--gpu-trial-minutes", type=float, default=GPU_TRIAL_MINUTES,
                    help="a paper trial's training minutes on one GPU, for the resume checkpoints' bytes")
     p.add_argument("--run", action="append", default=[], help="a finished search's run folder (repeatable)")
     a = p.parse_args(argv)
